@@ -1,0 +1,31 @@
+# Two commands, each sets itself up on a fresh machine:
+#   make demo   -- train, plot, checkpoint, resume, sample, log-likelihood
+#   make test   -- every test (pytest + hypothesis property tests)
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench venv
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(VPY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VPY) examples/demo.py --out demo_output
+
+test: $(VENV)/.installed
+	$(VPY) -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.installed
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check src
+
+bench: $(VENV)/.installed
+	$(VPY) benchmarks/bench_core_loop.py
+	$(VPY) benchmarks/bench_handler.py
