@@ -192,6 +192,9 @@ class _RngScope:
             self._fork.__exit__(*exc)
 
 
+_NO_RNG = _RngScope(None)
+
+
 def _detach(x: Any) -> Any:
     if isinstance(x, torch.Tensor):
         return x.detach()
@@ -250,7 +253,8 @@ def train_step(
     sync: contextlib.AbstractContextManager = contextlib.nullcontext()
     if not update and hasattr(config.model, "no_sync"):
         sync = config.model.no_sync()
-    with _RngScope(state.rng) as scope, sync:
+    scope = _RngScope(state.rng) if state.rng is not None else _NO_RNG
+    with scope, sync:
         with config.autocast():
             ev = config.objective(config.model, batch, state.epoch)
         loss = _check_loss(ev.loss)
@@ -262,21 +266,38 @@ def train_step(
         if state.scaler is not None:
             scaled = scaled * state.scaler["scale"]
         scaled.backward()
-    rng = scope.new_rng if scope.new_rng is not None else state.rng
-    state = attrs.evolve(
-        state, micro_step=micro, window_samples=state.window_samples + n, window_first=first, rng=rng
-    )
-    out_loss, output, target = loss.detach(), _detach(ev.output), _detach(ev.target)
+    window = _Window(micro, state.window_samples + n, first, scope.new_rng if state.rng is not None else None)
+    out_loss, output, target = loss.detach(), _detach(ev.output), ev.target
     if not update:
         grads = flat_td({name: p.grad for name, p in state.params.items() if p.grad is not None})
-        return attrs.evolve(state, grads=grads), StepOutput(out_loss, output, target, n, False)
-    state, grad_norm = _apply_update(state, config)
+        state = attrs.evolve(
+            state,
+            grads=grads,
+            micro_step=window.micro_step,
+            window_samples=window.samples,
+            window_first=window.first,
+            rng=window.rng if window.rng is not None else state.rng,
+        )
+        return state, StepOutput(out_loss, output, target, n, False)
+    state, grad_norm = _apply_update(state, config, window)
     return state, StepOutput(out_loss, output, target, n, True, grad_norm)
 
 
-def _apply_update(state: TrainState, config: TrainConfig) -> tuple[TrainState, torch.Tensor | None]:
-    """Apply the open window's gradients (in place on ``state``, which the caller owns)."""
-    weight = state.window_samples / state.window_first if state.micro_step > 1 else 1.0
+@attrs.frozen
+class _Window:
+    """The accumulation window as it stands after the current micro-step."""
+
+    micro_step: int
+    samples: int
+    first: int
+    rng: torch.Tensor | None = None
+
+
+def _apply_update(
+    state: TrainState, config: TrainConfig, window: _Window
+) -> tuple[TrainState, torch.Tensor | None]:
+    """Apply the window's gradients (in place on ``state``, which the caller owns)."""
+    weight = window.samples / window.first if window.micro_step > 1 else 1.0
     params = config._leaves(state)
     grads: list[torch.Tensor] = []
     if weight != 1.0 or state.scaler is not None or config.clip_norm is not None:
@@ -307,6 +328,7 @@ def _apply_update(state: TrainState, config: TrainConfig) -> tuple[TrainState, t
         opt_state=new_opt_state if new_opt_state is not None else state.opt_state,
         grads=None,
         scaler=scaler,
+        rng=window.rng if window.rng is not None else state.rng,
         step=state.step + (0 if skipped else 1),
         skipped_steps=state.skipped_steps + (1 if skipped else 0),
         micro_step=0,
@@ -334,7 +356,8 @@ def apply_pending_update(state: TrainState, config: TrainConfig, *, donate: bool
     if not donate:
         state = clone_state(state)
     config.bind(state)
-    return _apply_update(state, config)[0]
+    window = _Window(state.micro_step, state.window_samples, state.window_first)
+    return _apply_update(state, config, window)[0]
 
 
 def end_epoch(state: TrainState, config: TrainConfig, *, donate: bool = False) -> TrainState:
