@@ -1,0 +1,875 @@
+"""``NNHandler``: the stateful shell around the pure core.
+
+The handler owns the outside world — the model object and its device, DDP, data loaders,
+the optimizer and scheduler objects, callbacks, logging, progress bars and files — and
+threads a :class:`nnh.core.TrainState` through the core's step functions. It holds no
+training arithmetic of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from nnh.autosaver import AutoSaver
+from nnh.callbacks.base import Callback, CallbackList
+from nnh.core import (
+    LossScaler,
+    OptimizerAdapter,
+    Supervised,
+    TrainConfig,
+    TrainState,
+    init_train_state,
+)
+from nnh.core.accumulate import pack_sums, sums_to_means
+from nnh.core.tree import flat_td
+from nnh.data import build_loader, fast_loader, move_to_device
+from nnh.distributed import setup_distributed
+from nnh.enums import LoggingMode, ModelType
+from nnh.history import History
+from nnh.logs import make_logger
+from nnh.training import run_train_epoch, run_val_epoch
+
+__all__ = ["NNHandler"]
+
+
+def _check_model_kwargs(model_class: type, model_kwargs: dict[str, Any]) -> None:
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
+        raise TypeError(f"model_class must be an nn.Module subclass, got {model_class!r}")
+    try:
+        inspect.signature(model_class).bind(**model_kwargs)
+    except TypeError as err:
+        try:
+            accepted = str(inspect.signature(model_class))
+        except (TypeError, ValueError):
+            accepted = "(unknown)"
+        raise TypeError(
+            f"{model_class.__name__} cannot be built with keyword arguments {sorted(model_kwargs)}: "
+            f"{err}. Its constructor takes {accepted}"
+        ) from None
+
+
+class NNHandler:
+    """A model's whole life: build, train, evaluate, predict, save, load, sample.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> h = NNHandler(torch.nn.Linear, in_features=2, out_features=1, model_type="regression")
+        >>> h.set_optimizer(torch.optim.SGD, lr=0.1)
+        >>> h.set_loss_fn(torch.nn.functional.mse_loss)
+        >>> h.set_train_loader(TensorDataset(torch.randn(16, 2), torch.randn(16, 1)), batch_size=8)
+        >>> h.train(epochs=2, progress_bar=False)
+        >>> len(h.train_losses)
+        2
+    """
+
+    ModelType = ModelType
+    LoggingMode = LoggingMode
+
+    def __init__(
+        self,
+        model_class: type[nn.Module],
+        device: torch.device | str = "cpu",
+        logger_mode: LoggingMode | None = None,
+        logger_filename: str = "NNHandler.log",
+        logger_level: int = logging.INFO,
+        save_model_code: bool = False,
+        model_type: ModelType | str = ModelType.CLASSIFICATION,
+        use_distributed: bool | None = None,
+        **model_kwargs: Any,
+    ):
+        _check_model_kwargs(model_class, model_kwargs)
+        self._dist, self._device = setup_distributed(use_distributed, device)
+        self._logger = make_logger(logger_mode, logger_filename, logger_level, is_main=self._dist.is_main)
+        self._logger_config = {
+            "mode": None if logger_mode is None else LoggingMode(getattr(logger_mode, "value", logger_mode)).value,
+            "filename": logger_filename,
+            "level": logger_level,
+        }
+        self._seed: int | None = None
+        self._model_type = ModelType.from_string(model_type)
+        self._module: nn.Module | None = None
+        self._model: nn.Module | None = None
+        self._model_class: type[nn.Module] | None = None
+        self._model_kwargs: dict[str, Any] = {}
+        self._save_model_code = save_model_code
+        self._compile_kwargs: dict[str, Any] | None = None
+        self._optimizer_spec: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None
+        self._adapter: OptimizerAdapter | None = None
+        self._scheduler_spec: tuple[type, dict[str, Any]] | None = None
+        self._scheduler: Any = None
+        self._loss_fn: Callable[..., torch.Tensor] | None = None
+        self._loss_fn_kwargs: dict[str, Any] = {}
+        self._pass_epoch_to_loss = False
+        self._train_loader: DataLoader | None = None
+        self._val_loader: DataLoader | None = None
+        self._loader_kwargs: dict[str, dict[str, Any]] = {}
+        self._metrics: dict[str, Callable[[Any, Any], Any]] = {}
+        self._callbacks: list[Callback] = []
+        self._history = History()
+        self._state: TrainState | None = None
+        self._loss_scaler_config = LossScaler()
+        self._keep_eval: list[nn.Module] = []
+        self._sde: Any = None
+        self._sampler: Any = None
+        self._auto_saver = AutoSaver()
+        self._step_checkpoint: Any = None
+        self.stop_training = False
+        self.set_model(model_class, save_model_code=save_model_code, model_type=None, **model_kwargs)
+        self._log(f"NNHandler ready: {model_class.__name__} on {self._device} "
+                  f"({'DDP world of ' + str(self._dist.world_size) if self._dist.enabled else 'single process'})")
+
+    # ------------------------------------------------------------------ logging helpers
+    def _log(self, message: str, level: int = logging.INFO) -> None:
+        if self._logger is not None:
+            self._logger.log(level, message)
+
+    def _warn(self, message: str) -> None:
+        import warnings
+
+        if self._dist.is_main:
+            warnings.warn(message, stacklevel=3)
+        self._log(message, logging.WARNING)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        """The device of this process/rank (read-only)."""
+        return self._device
+
+    @property
+    def seed(self) -> int | None:
+        """The random seed applied to PyTorch (CPU and CUDA) on every rank."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        if value is None:
+            self._seed = None
+            return
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"seed must be an int or None, got {type(value).__name__}")
+        self._seed = value
+        torch.manual_seed(value)
+        random.seed(value)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(value)
+
+    @property
+    def logger(self) -> logging.Logger | None:
+        """The logger (``None`` when logging is off or on non-zero ranks)."""
+        return self._logger
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model as called: possibly a DDP or ``torch.compile`` wrapper."""
+        return self._model
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain ``nn.Module`` (DDP / DataParallel / compile unwrapped)."""
+        if self._module is None:
+            raise RuntimeError("no model is set; call set_model first")
+        return self._module
+
+    @property
+    def model_type(self) -> ModelType:
+        return self._model_type
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The real torch optimizer (schedulers and user code may use it)."""
+        return None if self._adapter is None else self._adapter.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self._scheduler
+
+    @property
+    def loss_fn(self) -> Callable[..., torch.Tensor] | None:
+        return self._loss_fn
+
+    @property
+    def pass_epoch_to_loss(self) -> bool:
+        return self._pass_epoch_to_loss
+
+    @pass_epoch_to_loss.setter
+    def pass_epoch_to_loss(self, value: bool) -> None:
+        self._pass_epoch_to_loss = bool(value)
+
+    @property
+    def loss_fn_kwargs(self) -> dict[str, Any]:
+        return self._loss_fn_kwargs
+
+    @loss_fn_kwargs.setter
+    def loss_fn_kwargs(self, value: dict[str, Any]) -> None:
+        if not isinstance(value, dict):
+            raise TypeError(f"loss_fn_kwargs must be a dict, got {type(value).__name__}")
+        self._loss_fn_kwargs = dict(value)
+
+    @property
+    def train_loader(self) -> DataLoader | None:
+        return self._train_loader
+
+    @property
+    def val_loader(self) -> DataLoader | None:
+        return self._val_loader
+
+    @property
+    def metrics(self) -> dict[str, Callable[[Any, Any], Any]]:
+        return dict(self._metrics)
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return list(self._callbacks)
+
+    @property
+    def history(self) -> History | None:
+        """Epoch history (rank 0; ``None`` on other ranks)."""
+        return self._history if self._dist.is_main else None
+
+    @property
+    def train_losses(self) -> list[float]:
+        return self._history.train_losses
+
+    @property
+    def val_losses(self) -> list[float]:
+        return self._history.val_losses
+
+    @property
+    def train_metrics_history(self) -> dict[str, list[float]]:
+        return self._history.train_metrics
+
+    @property
+    def val_metrics_history(self) -> dict[str, list[float]]:
+        return self._history.val_metrics
+
+    @property
+    def state(self) -> TrainState | None:
+        """The functional core's record (parameters, optimizer state, EMA, counters)."""
+        return self._state
+
+    @property
+    def auto_saver(self) -> AutoSaver:
+        return self._auto_saver
+
+    @property
+    def save_interval(self) -> int | None:
+        return self._auto_saver.interval
+
+    @save_interval.setter
+    def save_interval(self, value: int | None) -> None:
+        self._auto_saver = attrs.evolve(self._auto_saver, interval=value)
+
+    @property
+    def save_path(self) -> str:
+        return self._auto_saver.save_path
+
+    @save_path.setter
+    def save_path(self, value: str) -> None:
+        self._auto_saver = attrs.evolve(self._auto_saver, save_path=str(value))
+
+    @property
+    def save_model_name(self) -> str:
+        return self._auto_saver.name
+
+    @save_model_name.setter
+    def save_model_name(self, value: str) -> None:
+        self._auto_saver = attrs.evolve(self._auto_saver, name=value)
+        self._auto_saver.check_name(self._log_keys())
+
+    @property
+    def overwrite_last_saved(self) -> bool:
+        return self._auto_saver.overwrite
+
+    @overwrite_last_saved.setter
+    def overwrite_last_saved(self, value: bool) -> None:
+        self._auto_saver = attrs.evolve(self._auto_saver, overwrite=bool(value))
+
+    @property
+    def sde(self) -> Any:
+        return self._sde
+
+    @sde.setter
+    def sde(self, value: Any) -> None:
+        self._sde = value
+
+    @property
+    def sampler(self) -> Any:
+        return self._sampler
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        self._sampler = value
+
+    @property
+    def is_distributed(self) -> bool:
+        return self._dist.enabled
+
+    @property
+    def rank(self) -> int:
+        return self._dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._dist.world_size
+
+    # ------------------------------------------------------------------ configuration
+    def set_model(
+        self,
+        model_class: type[nn.Module],
+        save_model_code: bool = False,
+        model_type: ModelType | str | None = None,
+        **model_kwargs: Any,
+    ) -> None:
+        """Build ``model_class(**model_kwargs)`` on the device (DDP-wrapped in DDP mode).
+
+        An optimizer or scheduler already set is rebuilt, with the same options, for the new
+        model; its state and the training record start afresh.
+        """
+        _check_model_kwargs(model_class, model_kwargs)
+        if model_type is not None:
+            self._model_type = ModelType.from_string(model_type)
+        module = model_class(**model_kwargs).to(self._device)
+        self._model_class, self._model_kwargs = model_class, dict(model_kwargs)
+        self._save_model_code = bool(save_model_code)
+        self._install_module(module)
+
+    def _install_module(self, module: nn.Module) -> None:
+        self._module = module
+        self._model = self._wrap(module)
+        self._compile_kwargs = None
+        self._state = None
+        self._keep_eval = []
+        if self._optimizer_spec is not None:
+            cls, kwargs = self._optimizer_spec
+            self.set_optimizer(cls, **kwargs)
+        if self._scheduler_spec is not None:
+            cls, kwargs = self._scheduler_spec
+            self.set_scheduler(cls, **kwargs)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self._dist.enabled:
+            return module
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        device_ids = [self._device.index] if self._device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    def set_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **optimizer_kwargs: Any) -> None:
+        """Use ``optimizer_class(model.parameters(), **optimizer_kwargs)``.
+
+        Any ``torch.optim.Optimizer`` subclass works (not LBFGS, which needs a closure);
+        pass ``params=[{"params": [names or parameters], ...}, ...]`` for param groups.
+        """
+        adapter = OptimizerAdapter.create(optimizer_class, self.module, **optimizer_kwargs)
+        self._optimizer_spec = (optimizer_class, dict(optimizer_kwargs))
+        self._adapter = adapter
+        self._state = None
+        if self._scheduler is not None and self._scheduler_spec is not None:
+            cls, kwargs = self._scheduler_spec
+            self.set_scheduler(cls, **kwargs)
+
+    def set_scheduler(self, scheduler_class: type | None, **scheduler_kwargs: Any) -> None:
+        """Attach ``scheduler_class(optimizer, **scheduler_kwargs)``; ``None`` removes it.
+
+        It steps once per epoch after validation; ``ReduceLROnPlateau`` gets the validation
+        loss (the training loss when there is no validation loader).
+        """
+        if scheduler_class is None:
+            self._scheduler, self._scheduler_spec = None, None
+            return
+        if self._adapter is None:
+            raise RuntimeError("set the optimizer (set_optimizer) before the scheduler")
+        try:
+            self._scheduler = scheduler_class(self._adapter.optimizer, **scheduler_kwargs)
+        except TypeError as err:
+            raise TypeError(
+                f"{getattr(scheduler_class, '__name__', scheduler_class)} cannot be built with "
+                f"{sorted(scheduler_kwargs)}: {err}"
+            ) from err
+        self._scheduler_spec = (scheduler_class, dict(scheduler_kwargs))
+
+    def set_loss_fn(self, loss_fn: Callable[..., torch.Tensor], pass_epoch_to_loss: bool = False, **kwargs: Any) -> None:
+        """``loss_fn(output, target, **kwargs)`` (and ``epoch=`` when asked and accepted)."""
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self._loss_fn = loss_fn
+        self._pass_epoch_to_loss = bool(pass_epoch_to_loss)
+        self._loss_fn_kwargs = dict(kwargs)
+
+    def _make_loader(self, which: str, dataset: Dataset | DataLoader, loader_kwargs: dict[str, Any]) -> DataLoader:
+        sampler = None
+        if self._dist.enabled and not isinstance(dataset, DataLoader) and "sampler" not in loader_kwargs \
+                and "batch_sampler" not in loader_kwargs:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=self._dist.world_size,
+                rank=self._dist.rank,
+                shuffle=bool(loader_kwargs.get("shuffle", which == "train" and False)),
+                seed=self._seed if self._seed is not None else 0,
+                drop_last=bool(loader_kwargs.get("drop_last", False)),
+            )
+        loader = build_loader(dataset, sampler=sampler, **loader_kwargs)
+        self._loader_kwargs[which] = dict(loader_kwargs)
+        return loader
+
+    def set_train_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
+        """Training data: a Dataset plus DataLoader options, or a ready DataLoader.
+
+        In DDP mode a Dataset is sharded with a DistributedSampler (``shuffle`` honoured).
+        """
+        self._train_loader = self._make_loader("train", dataset, loader_kwargs)
+
+    def set_val_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
+        """Validation data: a Dataset plus DataLoader options, or a ready DataLoader."""
+        self._val_loader = self._make_loader("val", dataset, loader_kwargs)
+
+    def add_metric(self, name: str, metric_fn: Callable[[Any, Any], Any]) -> None:
+        """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a metric needs a non-empty string name")
+        if name in ("loss", "epoch", "lr") or name.startswith("val_"):
+            raise ValueError(f"metric name {name!r} is reserved; choose another")
+        if not callable(metric_fn):
+            raise TypeError(f"metric {name!r} must be callable, got {type(metric_fn).__name__}")
+        self._metrics[name] = metric_fn
+
+    def clear_metrics(self) -> None:
+        """Remove every registered metric (their history stays)."""
+        self._metrics.clear()
+
+    def add_callback(self, callback: Callback) -> None:
+        """Register a :class:`~nnh.Callback` instance."""
+        if not isinstance(callback, Callback):
+            raise TypeError(f"callbacks must subclass nnh.Callback, got {type(callback).__name__}")
+        callback.set_handler(self)
+        self._callbacks.append(callback)
+
+    def auto_save(
+        self,
+        interval: int | None,
+        save_path: str = ".",
+        name: str = "model_epoch{epoch:02d}",
+        overwrite: bool = False,
+        every_n_steps: int | None = None,
+    ) -> None:
+        """Save every ``interval`` epochs (``-1``: after the last epoch only; ``0``/``None``:
+        never) to ``save_path/name.pth``. ``name`` is a format string over ``epoch`` and the
+        epoch's logged values. ``overwrite`` deletes the previous file once the new one is
+        safely written. ``every_n_steps`` also writes a mid-epoch resume checkpoint.
+        """
+        saver = AutoSaver(interval=interval, save_path=str(save_path), name=name, overwrite=overwrite,
+                          every_n_steps=every_n_steps)
+        saver.check_name(self._log_keys())
+        self._auto_saver = saver
+
+    def _log_keys(self) -> set[str]:
+        keys = {"epoch", "loss", "val_loss", "lr", "step"}
+        for name in self._metrics:
+            keys |= {name, f"val_{name}"}
+        return keys
+
+    # ------------------------------------------------------------------ training
+    def _objective(self) -> Callable[..., Any]:
+        if self._model_type is ModelType.SCORE_BASED and self._loss_fn is None:
+            from nnh.generative.objective import ScoreMatching
+
+            if self._sde is None:
+                raise RuntimeError("a SCORE_BASED model trains against an SDE: call set_sde first")
+            return ScoreMatching(self._sde)
+        if self._loss_fn is None:
+            raise RuntimeError("no loss function: call set_loss_fn(loss_fn) before train()")
+        return Supervised(
+            self._loss_fn,
+            loss_kwargs=self._loss_fn_kwargs,
+            pass_epoch=self._pass_epoch_to_loss,
+            inputs_are_targets=self._model_type.inputs_are_targets,
+        )
+
+    def _amp_dtype(self, use_amp: bool | str | torch.dtype) -> torch.dtype | None:
+        if use_amp is False or use_amp is None:
+            return None
+        if isinstance(use_amp, torch.dtype):
+            return use_amp
+        if isinstance(use_amp, str):
+            table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+            if use_amp.lower() not in table:
+                raise ValueError(f"use_amp={use_amp!r}: use True, False, 'bf16' or 'fp16'")
+            return table[use_amp.lower()]
+        return torch.float16 if self._device.type == "cuda" else torch.bfloat16
+
+    def _ensure_state(self, ema: bool, scaler: bool) -> TrainState:
+        if self._adapter is None:
+            raise RuntimeError("no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()")
+        state = self._state
+        if state is not None:
+            live = [id(p) for p in self.module.parameters()]
+            if live != [id(p) for p in state.params.values()]:
+                self._warn("the model's parameters were replaced since the last training; "
+                           "rebuilding the optimizer and training state")
+                cls, kwargs = self._optimizer_spec  # type: ignore[misc]
+                self._adapter = OptimizerAdapter.create(cls, self.module, **kwargs)
+                state = None
+        if state is None:
+            state = init_train_state(self.module, self._adapter, ema=ema,
+                                     loss_scaler=self._loss_scaler_config if scaler else None)
+        if ema and state.ema is None:
+            state = attrs.evolve(state, ema=flat_td({k: v.detach().clone() for k, v in state.params.items()}))
+        elif not ema and state.ema is not None:
+            self._log("ema_decay=0: EMA weights dropped for this run")
+            state = attrs.evolve(state, ema=None)
+        if scaler and state.scaler is None:
+            from nnh.core import init_scaler_state
+
+            state = attrs.evolve(state, scaler=init_scaler_state(self._loss_scaler_config, self._device))
+        elif not scaler and state.scaler is not None:
+            state = attrs.evolve(state, scaler=None)
+        self._state = state
+        return state
+
+    def _check_ready(self) -> None:
+        if self._train_loader is None:
+            raise RuntimeError("no training data: call set_train_loader(dataset, batch_size=...) before train()")
+        if self._adapter is None:
+            raise RuntimeError("no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()")
+        self._objective()
+
+    def _train_mode(self) -> None:
+        self.module.train()
+        for m in self._keep_eval:
+            m.eval()
+
+    def train(
+        self,
+        epochs: int,
+        validate_every: int = 1,
+        gradient_accumulation_steps: int = 1,
+        use_amp: bool | str | torch.dtype = False,
+        gradient_clipping_norm: float | None = None,
+        ema_decay: float = 0.0,
+        seed: int | None = None,
+        progress_bar: bool = True,
+        debug_print_interval: int | None = None,
+        save_on_last_epoch: bool = True,
+        epoch_train_and_val_pbar: bool = False,
+    ) -> None:
+        """Train for ``epochs`` more epochs (calling again continues: epochs and history add up).
+
+        Args:
+            epochs: epochs to run in this call.
+            validate_every: validate every N epochs (when a validation loader is set).
+            gradient_accumulation_steps: micro-batches per optimizer update; a partial
+                window at the end of an epoch is applied with its own samples.
+            use_amp: autocast: ``True`` picks fp16 + dynamic loss scaling on CUDA and
+                bf16 on CPU; ``'bf16'``/``'fp16'`` choose explicitly.
+            gradient_clipping_norm: clip the global gradient norm.
+            ema_decay: > 0 keeps an EMA of the weights (used by ``predict``/``sample``).
+            seed: seed PyTorch before training.
+            progress_bar: an epoch progress bar with the running loss (rank 0).
+            debug_print_interval: log the batch loss every N batches (forces a sync then).
+            save_on_last_epoch: save through the AutoSaver after the last epoch.
+            epoch_train_and_val_pbar: also show per-epoch batch bars for train and val.
+        """
+        if not isinstance(epochs, int) or epochs < 0:
+            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+        if not isinstance(validate_every, int) or validate_every < 1:
+            raise ValueError(f"validate_every must be an int >= 1, got {validate_every!r}")
+        if debug_print_interval is not None and debug_print_interval < 1:
+            raise ValueError(f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}")
+        self._check_ready()
+        amp_dtype = self._amp_dtype(use_amp)
+        use_scaler = amp_dtype is torch.float16
+        if seed is not None:
+            self.seed = seed
+        state = self._ensure_state(ema=ema_decay > 0, scaler=use_scaler)
+        config = TrainConfig(
+            model=self._model,
+            module=self.module,
+            optimizer=self._adapter,
+            objective=self._objective(),
+            accumulation_steps=gradient_accumulation_steps,
+            clip_norm=gradient_clipping_norm,
+            amp_dtype=amp_dtype,
+            loss_scaler=self._loss_scaler_config if use_scaler else None,
+            ema_decay=float(ema_decay),
+        )
+        self._auto_saver.check_name(self._log_keys())
+        self.stop_training = False
+        callbacks = CallbackList(self._callbacks, is_main=self._dist.is_main)
+        show = progress_bar and self._dist.is_main
+        start_epoch = state.epoch
+        self._log(f"training epochs {start_epoch + 1}..{start_epoch + epochs} "
+                  f"(accumulation {gradient_accumulation_steps}, amp {amp_dtype}, clip {gradient_clipping_norm}, "
+                  f"ema {ema_decay})")
+        callbacks.call("on_train_begin", {"epochs": epochs, "start_epoch": start_epoch})
+        epoch_bar = tqdm(total=epochs, desc="Epochs", unit="epoch", disable=not show, dynamic_ncols=True)
+        logs: dict[str, Any] = {}
+        try:
+            for i in range(epochs):
+                epoch = start_epoch + i + 1
+                logs = self._run_epoch(state_config=config, epoch=epoch, callbacks=callbacks,
+                                       validate=(epoch % validate_every == 0),
+                                       epoch_bar=epoch_bar if show else None,
+                                       batch_bars=show and epoch_train_and_val_pbar,
+                                       debug_print_interval=debug_print_interval,
+                                       last=(i == epochs - 1), save_on_last_epoch=save_on_last_epoch)
+                if show:
+                    epoch_bar.update(1)
+                    epoch_bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
+                                           if k in ("loss", "val_loss") and not math.isnan(v)})
+                if self._dist.any_true(self.stop_training, self._device):
+                    self.stop_training = True
+                    self._log(f"training stopped by a callback after epoch {epoch}")
+                    if i != epochs - 1:
+                        self._auto_saver_final(logs, save_on_last_epoch)
+                    break
+        finally:
+            epoch_bar.close()
+        callbacks.call("on_train_end", logs)
+
+    def _run_epoch(self, *, state_config: TrainConfig, epoch: int, callbacks: CallbackList, validate: bool,
+                   epoch_bar: Any, batch_bars: bool, debug_print_interval: int | None, last: bool,
+                   save_on_last_epoch: bool) -> dict[str, Any]:
+        assert self._state is not None and self._train_loader is not None
+        config = state_config
+        sampler = getattr(self._train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch - 1)
+        callbacks.call("on_epoch_begin", epoch, {})
+        self._train_mode()
+        loader = fast_loader(self._train_loader)
+        bar = tqdm(total=len(loader), desc=f"Epoch {epoch} train", leave=False, dynamic_ncols=True) \
+            if batch_bars else None
+        try:
+            result = run_train_epoch(
+                self._state, config, loader, device=self._device, metrics=self._metrics, callbacks=callbacks,
+                progress=bar, status=bar if bar is not None else epoch_bar, debug_print_interval=debug_print_interval, log=self._log,
+                epoch_label=f"epoch {epoch}", on_step=self._step_hook(epoch),
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        self._state = result.state
+        packed = [pack_sums(result.sums)]
+        val_result = None
+        has_val = validate and self._val_loader is not None
+        if has_val:
+            callbacks.call("on_val_begin", {"epoch": epoch})
+            val_result = self._validate(config, callbacks, batch_bars, epoch)
+            packed.append(pack_sums(val_result.sums))
+        flat = torch.cat(packed)
+        self._dist.all_reduce_sum(flat)
+        names = list(self._metrics)
+        n_train = 2 + len(names)
+        train_loss, train_metrics, _ = sums_to_means(flat[:n_train], names)
+        logs: dict[str, Any] = {"epoch": epoch, "loss": train_loss, **train_metrics}
+        val_loss, val_metrics = None, None
+        if has_val:
+            val_loss, val_metrics, _ = sums_to_means(flat[n_train:], names)
+            logs["val_loss"] = val_loss
+            logs.update({f"val_{k}": v for k, v in val_metrics.items()})
+            callbacks.call("on_val_end", dict(logs))
+        self._history.append(train_loss, val_loss, train_metrics, val_metrics)
+        self._step_scheduler(train_loss, val_loss)
+        optimizer = self.optimizer
+        if optimizer is not None:
+            logs["lr"] = float(optimizer.param_groups[0]["lr"])
+        self._log(f"epoch {epoch}: " + ", ".join(f"{k}={v:.6g}" for k, v in logs.items() if k != "epoch"))
+        callbacks.call("on_epoch_end", epoch, logs)
+        self._auto_saver_epoch(epoch, logs, last and save_on_last_epoch)
+        return logs
+
+    def _validate(self, config: TrainConfig, callbacks: CallbackList, batch_bars: bool, epoch: int) -> Any:
+        assert self._val_loader is not None and self._state is not None
+        loader = fast_loader(self._val_loader)
+        bar = tqdm(total=len(loader), desc=f"Epoch {epoch} val", leave=False, dynamic_ncols=True) \
+            if batch_bars else None
+        self.module.eval()
+        try:
+            return run_val_epoch(self._state, config, loader, device=self._device, metrics=self._metrics,
+                                 callbacks=callbacks, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            self._train_mode()
+
+    def _step_scheduler(self, train_loss: float, val_loss: float | None) -> None:
+        if self._scheduler is None:
+            return
+        if isinstance(self._scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if val_loss is not None:
+                self._scheduler.step(val_loss)
+            elif self._val_loader is None:
+                self._scheduler.step(train_loss)
+        else:
+            self._scheduler.step()
+
+    # ------------------------------------------------------------------ auto-saving
+    def _step_hook(self, epoch: int) -> Callable[[TrainState, int], None] | None:
+        return None
+
+    def _auto_saver_epoch(self, epoch: int, logs: dict[str, Any], final: bool) -> None:
+        saver = self._auto_saver
+        due = saver.due(epoch, final)
+        if due:
+            self._save_auto(logs)
+
+    def _auto_saver_final(self, logs: dict[str, Any], save_on_last_epoch: bool) -> None:
+        if save_on_last_epoch and self._auto_saver.enabled:
+            self._save_auto(logs)
+
+    def _save_auto(self, logs: dict[str, Any]) -> None:
+        saver = self._auto_saver
+        path = saver.path_for(logs)
+        self.save(str(path))
+        if self._dist.is_main:
+            self._auto_saver = saver.after_save(path)
+
+    # ------------------------------------------------------------------ evaluation
+    def eval(self, activate: bool = True, log: bool = True) -> None:
+        """Evaluation mode (``activate=True``) or training mode; kept-eval modules stay eval."""
+        if activate:
+            self.module.eval()
+        else:
+            self._train_mode()
+        if log:
+            self._log(f"model set to {'eval' if activate else 'train'} mode")
+
+    def keep_eval_on_module(self, module: nn.Module, activate: bool = True) -> None:
+        """Keep ``module`` in eval mode through training (``activate=False`` releases it)."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+        if activate:
+            if not any(m is module for m in self._keep_eval):
+                self._keep_eval.append(module)
+            module.eval()
+        else:
+            self._keep_eval = [m for m in self._keep_eval if m is not module]
+
+    def freeze_module(self, module: nn.Module, verbose: bool = False) -> None:
+        """``requires_grad = False`` for every parameter of ``module``."""
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+        count = 0
+        for p in module.parameters():
+            p.requires_grad_(False)
+            count += p.numel()
+        if verbose:
+            message = f"froze {count} parameters of {type(module).__name__}"
+            self._log(message)
+            if self._logger is None and self._dist.is_main:
+                print(message)
+
+    @contextlib.contextmanager
+    def _ema_weights(self, apply_ema: bool) -> Iterator[bool]:
+        """Temporarily copy the EMA weights into the model; restores them bitwise after."""
+        state = self._state
+        if not apply_ema or state is None or state.ema is None:
+            yield False
+            return
+        names = list(state.params.keys())
+        live = [state.params[n] for n in names]
+        backup = [p.detach().clone() for p in live]
+        with torch.no_grad():
+            torch._foreach_copy_(live, [state.ema[n] for n in names])
+        try:
+            yield True
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(live, backup)
+
+    def _forward_batch(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return self._model(batch)
+        if isinstance(batch, (list, tuple)):
+            if self._model_type.inputs_are_targets:
+                return self._model(*batch)
+            return self._model(batch[0], *batch[2:])
+        if isinstance(batch, dict):
+            return self._model(**batch)
+        return self._model(batch)
+
+    def predict(self, data_loader: DataLoader | Dataset, apply_ema: bool = True) -> list[Any] | None:
+        """Model outputs for every batch of ``data_loader`` (eval mode, no gradients).
+
+        Batches are ``(input, [target], *extra)`` like in training (a lone tensor is the
+        input). EMA weights are used when ``apply_ema`` and EMA exists, then restored. In DDP,
+        rank 0 returns the outputs of every sample once, in dataset order; other ranks None.
+        """
+        if not isinstance(data_loader, DataLoader):
+            data_loader = DataLoader(data_loader, batch_size=64)
+        was_training = self.module.training
+        self.module.eval()
+        outputs: list[Any] = []
+        try:
+            with self._ema_weights(apply_ema), torch.no_grad():
+                for batch in fast_loader(data_loader):
+                    outputs.append(self._forward_batch(move_to_device(batch, self._device)))
+        finally:
+            if was_training:
+                self._train_mode()
+        if not self._dist.enabled:
+            return outputs
+        from nnh.ddp import gather_predictions
+
+        return gather_predictions(self._dist, outputs, data_loader)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Forward pass through the model: ``handler(x)``."""
+        if self._model is None:
+            raise RuntimeError("no model is set; call set_model first")
+        return self._model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ utilities
+    def compile_model(self, **kwargs: Any) -> None:
+        """``torch.compile`` the model (options as keywords); ``module`` stays the plain one."""
+        if not hasattr(torch, "compile"):
+            raise RuntimeError("torch.compile needs PyTorch 2.0 or newer")
+        self._model = torch.compile(self._model, **kwargs)
+        self._compile_kwargs = dict(kwargs)
+        self._log(f"model compiled with {kwargs or 'default options'}")
+
+    def count_parameters(self, trainable_only: bool = True) -> int:
+        """Number of (trainable) parameters of the plain module."""
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
+
+    def plot_losses(self, log_y_scale: bool = False, save_path: str | None = None) -> Any:
+        """Training and validation loss per epoch (rank 0; returns the Figure)."""
+        if not self._dist.is_main:
+            return None
+        from nnh.plotting import plot_losses
+
+        return plot_losses(self._history, log_y_scale=log_y_scale, save_path=save_path)
+
+    def plot_metrics(self, log_y_scale: bool = False, save_path_prefix: str | None = None) -> Any:
+        """One figure per metric, training and validation (rank 0; returns the Figures)."""
+        if not self._dist.is_main:
+            return None
+        from nnh.plotting import plot_metrics
+
+        return plot_metrics(self._history, log_y_scale=log_y_scale, save_path_prefix=save_path_prefix)
+
+    def print(self, show_model_structure: bool = False) -> str:
+        """A summary of the handler's configuration and progress."""
+        from nnh.summary import summarize
+
+        return summarize(self, show_model_structure=show_model_structure)
+
+    def __repr__(self) -> str:
+        name = type(self._module).__name__ if self._module is not None else None
+        epochs = self._state.epoch if self._state is not None else len(self._history.train_losses)
+        return f"NNHandler(model={name}, type={self._model_type.value}, device={self._device}, epochs={epochs})"

@@ -1,0 +1,137 @@
+"""The epoch loops the handler runs: they thread the TrainState through the core.
+
+Nothing here computes a gradient, an update or a mean: that is the core's job. The loops
+move batches to the device, call :func:`nnh.core.train_step` / :func:`nnh.core.eval_step`
+(donating the record), accumulate sums on the device, fire callbacks, and update the
+progress bar at most twice a second (one host sync then, never per step).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import torch
+from tqdm.auto import tqdm
+
+from nnh.callbacks.base import CallbackList
+from nnh.core import TrainConfig, TrainState, end_epoch, eval_step, metric_sums, train_step
+from nnh.core.accumulate import EpochSums, add_to_sums, new_sums
+from nnh.data import move_to_device
+
+__all__ = ["EpochResult", "run_train_epoch", "run_val_epoch"]
+
+_PBAR_INTERVAL_S = 0.5
+
+
+@attrs.frozen(eq=False)
+class EpochResult:
+    """A finished epoch's device sums and the new state."""
+
+    state: TrainState | None
+    sums: EpochSums
+    batches: int
+
+
+def _running_loss(sums: EpochSums) -> float:
+    count = float(sums.count)
+    return float(sums.loss) / count if count else math.nan
+
+
+def run_train_epoch(
+    state: TrainState,
+    config: TrainConfig,
+    loader: Iterable[Any],
+    *,
+    device: torch.device,
+    metrics: Mapping[str, Callable[[Any, Any], Any]],
+    callbacks: CallbackList,
+    progress: tqdm | None = None,
+    status: tqdm | None = None,
+    debug_print_interval: int | None = None,
+    log: Callable[[str], None] | None = None,
+    epoch_label: str = "",
+    skip_batches: int = 0,
+    on_step: Callable[[TrainState, int], None] | None = None,
+    num_batches: int | None = None,
+) -> EpochResult:
+    """Train one epoch; returns the state after :func:`end_epoch` and the epoch sums.
+
+    ``skip_batches`` fast-forwards over batches already trained before a mid-epoch resume
+    (they are drawn from the loader, so the order is unchanged, but not computed).
+    ``on_step(state, batch_index)`` runs after every micro-step (step checkpoints).
+    ``progress`` counts batches; ``status`` (default: ``progress``) shows the running loss,
+    refreshed at most every 0.5 s.
+    """
+    status = status if status is not None else progress
+    sums = new_sums(list(metrics), device)
+    batch_hooks_begin = callbacks.wants("on_train_batch_begin")
+    batch_hooks_end = callbacks.wants("on_train_batch_end")
+    last_refresh = time.monotonic()
+    total = num_batches if num_batches is not None else _safe_len(loader)
+    index = -1
+    for index, batch in enumerate(loader):
+        if index < skip_batches:
+            continue
+        batch = move_to_device(batch, device)
+        if batch_hooks_begin:
+            callbacks.call("on_train_batch_begin", index, {"batch": batch})
+        last = total is not None and index == total - 1
+        state, out = train_step(state, batch, config, donate=True, last_batch=last)
+        add_to_sums(sums, out.loss.double() * out.num_samples, out.num_samples,
+                    metric_sums(metrics, out.output, out.target, out.num_samples) if metrics else None)
+        if batch_hooks_end:
+            callbacks.call("on_train_batch_end", index, {"loss": out.loss, "batch_size": out.num_samples,
+                                                         "output": out.output, "updated": out.updated})
+        if on_step is not None:
+            on_step(state, index)
+        if progress is not None:
+            progress.update(1)
+        if status is not None:
+            now = time.monotonic()
+            if now - last_refresh >= _PBAR_INTERVAL_S:
+                status.set_postfix(loss=f"{_running_loss(sums):.4g}")
+                last_refresh = now
+        if debug_print_interval and (index + 1) % debug_print_interval == 0 and log is not None:
+            log(f"{epoch_label} batch {index + 1}: loss {float(out.loss):.6g} (running {_running_loss(sums):.6g})")
+    state = end_epoch(state, config, donate=True)
+    return EpochResult(state=state, sums=sums, batches=index + 1)
+
+
+def run_val_epoch(
+    state: TrainState,
+    config: TrainConfig,
+    loader: Iterable[Any],
+    *,
+    device: torch.device,
+    metrics: Mapping[str, Callable[[Any, Any], Any]],
+    callbacks: CallbackList,
+    progress: tqdm | None = None,
+) -> EpochResult:
+    """Evaluate one epoch (no gradients); returns the epoch sums."""
+    sums = new_sums(list(metrics), device)
+    hooks_begin = callbacks.wants("on_val_batch_begin")
+    hooks_end = callbacks.wants("on_val_batch_end")
+    index = -1
+    for index, batch in enumerate(loader):
+        batch = move_to_device(batch, device)
+        if hooks_begin:
+            callbacks.call("on_val_batch_begin", index, {"batch": batch})
+        out = eval_step(state, batch, config, metrics=metrics)
+        add_to_sums(sums, out.loss_sum, out.num_samples, out.metric_sums)
+        if hooks_end:
+            callbacks.call("on_val_batch_end", index, {"loss_sum": out.loss_sum, "batch_size": out.num_samples,
+                                                       "output": out.output})
+        if progress is not None:
+            progress.update(1)
+    return EpochResult(state=None, sums=sums, batches=index + 1)
+
+
+def _safe_len(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
