@@ -40,6 +40,7 @@ from nnh.distributed import setup_distributed
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
+from nnh.persistence import capture_rng, restore_rng
 from nnh.training import run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
@@ -126,7 +127,10 @@ class NNHandler:
         self._sde: Any = None
         self._sampler: Any = None
         self._auto_saver = AutoSaver()
-        self._step_checkpoint: Any = None
+        self._last_train_kwargs: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None
+        self._epoch_start_rng: dict[str, Any] | None = None
+        self._target_epoch = 0
         self.stop_training = False
         self.set_model(model_class, save_model_code=save_model_code, model_type=None, **model_kwargs)
         self._log(f"NNHandler ready: {model_class.__name__} on {self._device} "
@@ -305,6 +309,12 @@ class NNHandler:
 
     @sde.setter
     def sde(self, value: Any) -> None:
+        if value is not None:
+            missing = [m for m in ("sigma", "mu", "drift", "diffusion", "prior", "prior_log_prob", "marginal_prob")
+                       if not callable(getattr(value, m, None))]
+            if missing or not hasattr(value, "T") or not hasattr(value, "epsilon"):
+                raise TypeError(f"{type(value).__name__} is not an SDE: it lacks {missing or ['T', 'epsilon']}; "
+                                "use nnh.generative.VESDE/VPSDE/SubVPSDE or a subclass of nnh.generative.SDE")
         self._sde = value
 
     @property
@@ -313,6 +323,11 @@ class NNHandler:
 
     @sampler.setter
     def sampler(self, value: Any) -> None:
+        if value is not None:
+            if not callable(getattr(value, "sample", None)):
+                raise TypeError(f"{type(value).__name__} is not a sampler: it has no sample(N, device) method")
+            if hasattr(value, "set_handler"):
+                value.set_handler(self)
         self._sampler = value
 
     @property
@@ -485,11 +500,14 @@ class NNHandler:
 
     # ------------------------------------------------------------------ training
     def _objective(self) -> Callable[..., Any]:
-        if self._model_type is ModelType.SCORE_BASED and self._loss_fn is None:
-            from nnh.generative.objective import ScoreMatching
+        if self._model_type is ModelType.SCORE_BASED:
+            from nnh.generative.objective import ScoreMatching, UserScoreLoss
 
+            if self._loss_fn is not None:
+                return UserScoreLoss(self._loss_fn, self._sde, self._loss_fn_kwargs, self._pass_epoch_to_loss)
             if self._sde is None:
-                raise RuntimeError("a SCORE_BASED model trains against an SDE: call set_sde first")
+                raise RuntimeError("a SCORE_BASED model trains against an SDE: call set_sde(VPSDE, ...) "
+                                   "before train(), or set_loss_fn(your_loss)")
             return ScoreMatching(self._sde)
         if self._loss_fn is None:
             raise RuntimeError("no loss function: call set_loss_fn(loss_fn) before train()")
@@ -591,9 +609,16 @@ class NNHandler:
         if debug_print_interval is not None and debug_print_interval < 1:
             raise ValueError(f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}")
         self._check_ready()
+        self._last_train_kwargs = {
+            "validate_every": validate_every, "gradient_accumulation_steps": gradient_accumulation_steps,
+            "use_amp": use_amp if isinstance(use_amp, (bool, str)) else str(use_amp).split(".")[-1],
+            "gradient_clipping_norm": gradient_clipping_norm, "ema_decay": float(ema_decay),
+            "progress_bar": progress_bar, "debug_print_interval": debug_print_interval,
+            "save_on_last_epoch": save_on_last_epoch, "epoch_train_and_val_pbar": epoch_train_and_val_pbar,
+        }
         amp_dtype = self._amp_dtype(use_amp)
         use_scaler = amp_dtype is torch.float16
-        if seed is not None:
+        if seed is not None and self._resume is None:
             self.seed = seed
         state = self._ensure_state(ema=ema_decay > 0, scaler=use_scaler)
         config = TrainConfig(
@@ -612,6 +637,7 @@ class NNHandler:
         callbacks = CallbackList(self._callbacks, is_main=self._dist.is_main)
         show = progress_bar and self._dist.is_main
         start_epoch = state.epoch
+        self._target_epoch = start_epoch + epochs
         self._log(f"training epochs {start_epoch + 1}..{start_epoch + epochs} "
                   f"(accumulation {gradient_accumulation_steps}, amp {amp_dtype}, clip {gradient_clipping_norm}, "
                   f"ema {ema_decay})")
@@ -649,7 +675,15 @@ class NNHandler:
         sampler = getattr(self._train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch - 1)
-        callbacks.call("on_epoch_begin", epoch, {})
+        resume, self._resume = self._resume, None
+        if resume is not None and resume.get("epoch") != epoch:
+            resume = None
+        if resume is not None:
+            restore_rng(resume["epoch_start_rng"])
+        if self._auto_saver.every_n_steps:
+            self._epoch_start_rng = capture_rng()
+        if resume is None:
+            callbacks.call("on_epoch_begin", epoch, {})
         self._train_mode()
         loader = fast_loader(self._train_loader)
         bar = tqdm(total=len(loader), desc=f"Epoch {epoch} train", leave=False, dynamic_ncols=True) \
@@ -659,6 +693,9 @@ class NNHandler:
                 self._state, config, loader, device=self._device, metrics=self._metrics, callbacks=callbacks,
                 progress=bar, status=bar if bar is not None else epoch_bar, debug_print_interval=debug_print_interval, log=self._log,
                 epoch_label=f"epoch {epoch}", on_step=self._step_hook(epoch),
+                skip_batches=resume["batch_offset"] if resume else 0,
+                after_skip=(lambda: restore_rng(resume["step_rng"])) if resume else None,
+                initial_sums=resume["sums"] if resume else None,
             )
         finally:
             if bar is not None:
@@ -719,8 +756,26 @@ class NNHandler:
             self._scheduler.step()
 
     # ------------------------------------------------------------------ auto-saving
-    def _step_hook(self, epoch: int) -> Callable[[TrainState, int], None] | None:
-        return None
+    def _step_hook(self, epoch: int) -> Callable[[TrainState, int, Any], None] | None:
+        every = self._auto_saver.every_n_steps
+        if not every:
+            return None
+
+        def on_step(state: TrainState, index: int, sums: Any) -> None:
+            if (index + 1) % every:
+                return
+            self._state = state
+            resume = {
+                "epoch": epoch,
+                "batch_offset": index + 1,
+                "epoch_start_rng": self._epoch_start_rng,
+                "step_rng": capture_rng(),
+                "sums": {"loss": sums.loss, "count": sums.count, "metrics": dict(sums.metrics)},
+                "target_epoch": self._target_epoch,
+            }
+            self._save_to(str(self._auto_saver.step_path()), resume=resume)
+
+        return on_step
 
     def _auto_saver_epoch(self, epoch: int, logs: dict[str, Any], final: bool) -> None:
         saver = self._auto_saver
@@ -738,6 +793,113 @@ class NNHandler:
         self.save(str(path))
         if self._dist.is_main:
             self._auto_saver = saver.after_save(path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str, include_datasets: bool = True) -> None:
+        """Save the complete handler state to ``path`` (atomically; rank 0 writes, all wait).
+
+        Model weights, optimizer, scheduler, loss scaler, EMA, history, metric and loss
+        configuration, callbacks, AutoSaver, SDE/sampler, model type, seed, RNG states and
+        versions. ``TensorDataset`` training/validation data is embedded (up to 256 MiB)
+        unless ``include_datasets=False``.
+        """
+        self._save_to(path, resume=None, include_datasets=include_datasets)
+
+    def _save_to(self, path: str, *, resume: dict[str, Any] | None, include_datasets: bool = True) -> None:
+        from nnh.checkpoint import atomic_save
+        from nnh.persistence import handler_payload
+
+        error: BaseException | None = None
+        if self._dist.is_main:
+            try:
+                atomic_save(handler_payload(self, include_datasets=include_datasets, resume=resume), path)
+                self._log(f"saved {path}")
+            except BaseException as err:  # every rank must learn of it
+                error = err
+        failed = self._dist.any_true(error is not None, self._device)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"saving {path} failed on rank 0; see its error")
+
+    @property
+    def remaining_epochs(self) -> int:
+        """Epochs left of the ``train()`` call a step checkpoint interrupted (0 otherwise)."""
+        if self._resume is None or self._state is None:
+            return 0
+        return max(int(self._resume.get("target_epoch", 0)) - self._state.epoch, 0)
+
+    def resume_training(self, **overrides: Any) -> None:
+        """Continue an interrupted ``train()`` from a step checkpoint, with its options.
+
+        ``NNHandler.load(step_checkpoint).resume_training()`` ends bitwise equal to the run
+        that was interrupted (CPU; same data and code).
+        """
+        if self._resume is None:
+            raise RuntimeError("this handler was not loaded from a mid-epoch (step) checkpoint; call train()")
+        kwargs = dict(self._last_train_kwargs or {})
+        kwargs.update(overrides)
+        self.train(epochs=self.remaining_epochs, **kwargs)
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        device: torch.device | str | None = None,
+        strict_load: bool = False,
+        skip_optimizer: bool = False,
+        skip_scheduler: bool = False,
+        skip_history: bool = False,
+        skip_callbacks: bool = False,
+        skip_sampler_sde: bool = False,
+        skip_ema: bool = False,
+        trust_model_code: bool = False,
+    ) -> NNHandler:
+        """Rebuild a working handler from a file written by :meth:`save`.
+
+        ``skip_*`` leave that part at its fresh default. Stored model source is executed
+        only with ``trust_model_code=True`` (when the class can no longer be imported).
+        In DDP every rank loads onto its own device.
+        """
+        from nnh.checkpoint import load_checkpoint
+        from nnh.persistence import apply_payload, resolve_model_class
+
+        target = torch.device(device) if device is not None else None
+        payload = load_checkpoint(path, map_location="cpu")
+        model = payload["model"]
+        model_class = resolve_model_class(model, str(path), trust_model_code)
+        handler = cls(model_class, device=target if target is not None else "cpu",
+                      model_type=model["type"], save_model_code=model.get("source") is not None,
+                      **model["kwargs"])
+        apply_payload(handler, payload, str(path), strict_load=strict_load, skip_optimizer=skip_optimizer,
+                      skip_scheduler=skip_scheduler, skip_history=skip_history, skip_callbacks=skip_callbacks,
+                      skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema)
+        handler._dist.barrier()
+        handler._log(f"loaded {path} (epoch {handler._state.epoch if handler._state else 0})")
+        return handler
+
+    @classmethod
+    def initialize_from_checkpoint(
+        cls,
+        checkpoint_path: str,
+        model_class: type[nn.Module],
+        model_type: ModelType | str | None = None,
+        device: torch.device | str | None = None,
+        strict_load: bool = True,
+        **model_kwargs: Any,
+    ) -> NNHandler:
+        """A new handler with only the model weights of ``checkpoint_path`` (a bare
+        ``state_dict`` or a full checkpoint); no optimizer, history or the rest."""
+        from nnh.checkpoint import load_model_state, load_weights_file, strip_wrapper_prefixes
+
+        weights = load_weights_file(checkpoint_path, map_location="cpu")
+        handler = cls(model_class, device=device if device is not None else "cpu",
+                      model_type=model_type if model_type is not None else ModelType.CLASSIFICATION,
+                      **model_kwargs)
+        load_model_state(handler.module, strip_wrapper_prefixes(weights), strict=strict_load,
+                         source=str(checkpoint_path))
+        handler._dist.barrier()
+        return handler
 
     # ------------------------------------------------------------------ evaluation
     def eval(self, activate: bool = True, log: bool = True) -> None:
@@ -833,6 +995,133 @@ class NNHandler:
         if self._model is None:
             raise RuntimeError("no model is set; call set_model first")
         return self._model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ generative models
+    def set_sde(self, sde_class: type, **sde_kwargs: Any) -> None:
+        """Use ``sde_class(**sde_kwargs)`` (e.g. ``VPSDE``) for score-based training and sampling."""
+        try:
+            self.sde = sde_class(**sde_kwargs)
+        except TypeError as err:
+            raise TypeError(f"{getattr(sde_class, '__name__', sde_class)} cannot be built with "
+                            f"{sorted(sde_kwargs)}: {err}") from err
+
+    def set_sampler(self, sampler_class: type, **sampler_kwargs: Any) -> None:
+        """Use ``sampler_class(**sampler_kwargs)`` (a :class:`nnh.Sampler`) for ``get_samples``."""
+        try:
+            self.sampler = sampler_class(**sampler_kwargs)
+        except TypeError as err:
+            raise TypeError(f"{getattr(sampler_class, '__name__', sampler_class)} cannot be built with "
+                            f"{sorted(sampler_kwargs)}: {err}") from err
+
+    def get_samples(self, N: int, device: torch.device | str | None = None) -> Any:
+        """``N`` samples from the custom sampler (rank 0; ``None`` on other ranks)."""
+        if self._sampler is None:
+            raise RuntimeError("no sampler: call set_sampler(SamplerClass, **kwargs) first")
+        if not self._dist.is_main:
+            return None
+        return self._sampler.sample(N, device=device if device is not None else self._device)
+
+    def _require_sde(self, what: str) -> Any:
+        if self._sde is None:
+            raise RuntimeError(f"{what} needs an SDE: call set_sde(VPSDE, ...) (or VESDE, SubVPSDE) first")
+        return self._sde
+
+    def score(self, t: torch.Tensor, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        """``s(t, x) = model(t, x, *args) / sigma(t)``: the model outputs sigma(t) times the score."""
+        from nnh.generative.sde import as_time_tensor, expand_time
+
+        sde = self._require_sde("score")
+        t = as_time_tensor(t, x)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        return self._model(t, x, *args) / expand_time(sde.sigma(t), x)
+
+    def sample(
+        self,
+        shape: tuple[int, ...],
+        steps: int,
+        condition: list | None = None,
+        likelihood_score_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        guidance_factor: float = 1.0,
+        apply_ema: bool = True,
+        bar: bool = True,
+        stop_on_NaN: bool = True,
+    ) -> torch.Tensor | None:
+        """Samples from the reverse-time SDE (Euler-Maruyama, one model call per step).
+
+        ``condition`` items go to the model after ``(t, x)``; ``likelihood_score_fn(t, x)``
+        adds ``guidance_factor`` times its value to the score. The last step returns the
+        noise-free mean. Rank 0 only (``None`` elsewhere). Noise comes from the global
+        generator (seed it with ``handler.seed``).
+        """
+        from nnh.generative.sampling import sample_reverse_sde
+
+        sde = self._require_sde("sample")
+        if not self._dist.is_main:
+            return None
+        extra = list(condition or [])
+
+        def score_fn(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.score(t, x, *extra)
+
+        progress = tqdm(total=steps, desc="Sampling", disable=not bar, dynamic_ncols=True)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self._ema_weights(apply_ema):
+                return sample_reverse_sde(sde, score_fn, tuple(shape), steps, device=self._device,
+                                          guidance_fn=likelihood_score_fn, guidance_factor=guidance_factor,
+                                          stop_on_nan=stop_on_NaN, progress=progress)
+        finally:
+            progress.close()
+            if was_training:
+                self._train_mode()
+
+    def log_likelihood(
+        self,
+        x: torch.Tensor,
+        *args: Any,
+        ode_steps: int,
+        n_cotangent_vectors: int = 1,
+        noise_type: str = "rademacher",
+        method: str = "Euler",
+        t0: float | None = None,
+        t1: float | None = None,
+        apply_ema: bool = True,
+        pbar: bool = False,
+    ) -> torch.Tensor | None:
+        """log p(x) in nats per sample via the probability-flow ODE and Hutchinson's estimator.
+
+        ``n_cotangent_vectors`` probes of ``noise_type`` (``'rademacher'`` or ``'gaussian'``)
+        are drawn once and kept along the trajectory, all batched in one vector-Jacobian
+        product per drift evaluation. ``method``: ``'Euler'`` (``ode_steps`` evaluations),
+        ``'Heun'`` (``2 * ode_steps``) or ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to
+        ``sde.epsilon``/``sde.T``. Rank 0 only.
+        """
+        from nnh.generative.divergence import sample_probes
+        from nnh.generative.likelihood import log_likelihood_ode
+
+        sde = self._require_sde("log_likelihood")
+        if not self._dist.is_main:
+            return None
+        if not isinstance(n_cotangent_vectors, int) or n_cotangent_vectors < 1:
+            raise ValueError(f"n_cotangent_vectors must be an int >= 1, got {n_cotangent_vectors!r}")
+        x = x.to(self._device)
+        args = tuple(a.to(self._device) if isinstance(a, torch.Tensor) else a for a in args)
+        probes = sample_probes((n_cotangent_vectors, *x.shape), noise_type, device=x.device, dtype=x.dtype)
+        progress = tqdm(total=ode_steps, desc="Log-likelihood", disable=not pbar, dynamic_ncols=True)
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self._ema_weights(apply_ema):
+                out = log_likelihood_ode(sde, lambda t, y: self.score(t, y, *args), x, steps=ode_steps,
+                                         probes=probes, method=method, t0=t0, t1=t1, progress=progress)
+            return out.detach()
+        finally:
+            progress.close()
+            if was_training:
+                self._train_mode()
 
     # ------------------------------------------------------------------ utilities
     def compile_model(self, **kwargs: Any) -> None:

@@ -55,19 +55,26 @@ def run_train_epoch(
     log: Callable[[str], None] | None = None,
     epoch_label: str = "",
     skip_batches: int = 0,
-    on_step: Callable[[TrainState, int], None] | None = None,
+    after_skip: Callable[[], None] | None = None,
+    initial_sums: Mapping[str, Any] | None = None,
+    on_step: Callable[[TrainState, int, EpochSums], None] | None = None,
     num_batches: int | None = None,
 ) -> EpochResult:
     """Train one epoch; returns the state after :func:`end_epoch` and the epoch sums.
 
     ``skip_batches`` fast-forwards over batches already trained before a mid-epoch resume
-    (they are drawn from the loader, so the order is unchanged, but not computed).
-    ``on_step(state, batch_index)`` runs after every micro-step (step checkpoints).
+    (they are drawn from the loader, so the order is unchanged, but not computed); then
+    ``after_skip()`` runs (it restores the RNG of the interrupted step) and the sums start
+    from ``initial_sums``. ``on_step(state, batch_index, sums)`` runs after every
+    micro-step (step checkpoints).
     ``progress`` counts batches; ``status`` (default: ``progress``) shows the running loss,
     refreshed at most every 0.5 s.
     """
     status = status if status is not None else progress
     sums = new_sums(list(metrics), device)
+    if initial_sums is not None:
+        add_to_sums(sums, initial_sums["loss"].to(device), 0, {k: v.to(device) for k, v in initial_sums["metrics"].items()})
+        sums.count.add_(initial_sums["count"].to(device))
     batch_hooks_begin = callbacks.wants("on_train_batch_begin")
     batch_hooks_end = callbacks.wants("on_train_batch_end")
     last_refresh = time.monotonic()
@@ -75,6 +82,8 @@ def run_train_epoch(
     index = -1
     for index, batch in enumerate(loader):
         if index < skip_batches:
+            if index == skip_batches - 1 and after_skip is not None:
+                after_skip()
             continue
         batch = move_to_device(batch, device)
         if batch_hooks_begin:
@@ -87,7 +96,7 @@ def run_train_epoch(
             callbacks.call("on_train_batch_end", index, {"loss": out.loss, "batch_size": out.num_samples,
                                                          "output": out.output, "updated": out.updated})
         if on_step is not None:
-            on_step(state, index)
+            on_step(state, index, sums)
         if progress is not None:
             progress.update(1)
         if status is not None:

@@ -1,5 +1,25 @@
-"""Callbacks: the base class and the built-ins users expect."""
+"""Callbacks: the base class and the built-ins users expect.
+
+Example:
+    >>> from nnh.callbacks import CSVLogger, EarlyStopping, EpochTimer, LearningRateMonitor
+    >>> callbacks = [LearningRateMonitor(), EpochTimer(), EarlyStopping(patience=3),
+    ...              CSVLogger("log.csv")]
+"""
 
 from nnh.callbacks.base import HOOKS, Callback, CallbackList
+from nnh.callbacks.csv_logger import CSVLogger
+from nnh.callbacks.early_stopping import EarlyStopping
+from nnh.callbacks.lr_monitor import LearningRateMonitor
+from nnh.callbacks.tensorboard import TensorBoardLogger
+from nnh.callbacks.timer import EpochTimer
 
-__all__ = ["HOOKS", "Callback", "CallbackList"]
+__all__ = [
+    "HOOKS",
+    "CSVLogger",
+    "Callback",
+    "CallbackList",
+    "EarlyStopping",
+    "EpochTimer",
+    "LearningRateMonitor",
+    "TensorBoardLogger",
+]

@@ -1,0 +1,119 @@
+"""The checkpoint file layer: atomic writes, safe loads, key mapping, import paths, source.
+
+Everything here is a plain function over files and dicts; ``NNHandler.save/load`` build on
+it. Guarantees:
+
+* files are written atomically and durably (:func:`atomic_save`): a reader sees the old or
+  the new complete file, never a partial one;
+* files are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): nothing
+  stored in a file is executed, and every failure is a :class:`CheckpointError` naming the
+  file, the problem and what to do;
+* classes are recorded by import path (:func:`import_path`), and stored model source runs
+  only on explicit ``trust_code=True`` (:func:`rebuild_class_from_source`).
+
+Example:
+    >>> import tempfile, torch
+    >>> from nnh.checkpoint import save_checkpoint, load_checkpoint
+    >>> path = save_checkpoint({"model_state_dict": {"w": torch.ones(2)}},
+    ...                        f"{tempfile.mkdtemp()}/run.pth")
+    >>> load_checkpoint(path)["model_state_dict"]["w"].tolist()
+    [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from nnh.checkpoint.atomic import (
+    atomic_save,
+    atomic_write_bytes,
+    atomic_write_text,
+    cleanup_stale_temps,
+    list_temp_files,
+    replace_previous,
+)
+from nnh.checkpoint.errors import CheckpointError, ImportPathError
+from nnh.checkpoint.format import (
+    FORMAT_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    VERSIONS_KEY,
+    check_header,
+    has_header,
+    make_header,
+)
+from nnh.checkpoint.imports import (
+    import_path,
+    import_record,
+    is_importable,
+    resolve_import_path,
+)
+from nnh.checkpoint.keys import (
+    KeyReport,
+    canonical_key,
+    compare_state_dict,
+    load_model_state,
+    match_state_dict,
+    strip_wrapper_prefixes,
+)
+from nnh.checkpoint.safe_load import load_checkpoint, load_weights_file, to_flat_state_dict
+from nnh.checkpoint.source import capture_model_source, rebuild_class_from_source, resolve_class
+
+__all__ = [
+    "FORMAT_KEY",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "VERSIONS_KEY",
+    "CheckpointError",
+    "ImportPathError",
+    "KeyReport",
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "canonical_key",
+    "capture_model_source",
+    "check_header",
+    "cleanup_stale_temps",
+    "compare_state_dict",
+    "has_header",
+    "import_path",
+    "import_record",
+    "is_importable",
+    "list_temp_files",
+    "load_checkpoint",
+    "load_model_state",
+    "load_weights_file",
+    "make_header",
+    "match_state_dict",
+    "rebuild_class_from_source",
+    "replace_previous",
+    "resolve_class",
+    "resolve_import_path",
+    "save_checkpoint",
+    "strip_wrapper_prefixes",
+    "to_flat_state_dict",
+]
+
+
+def save_checkpoint(
+    payload: Mapping[str, Any], path: str | os.PathLike[str], *, durable: bool = True
+) -> Path:
+    """Add the nnh format header to ``payload`` and write it atomically to ``path``.
+
+    ``payload`` must hold only what ``torch.load(weights_only=True)`` accepts (tensors,
+    numbers, strings, lists, tuples, dicts, TensorDicts); keys of the header (``nnh_format``,
+    ``versions``) are reserved and set here.
+
+    Example:
+        >>> import tempfile, torch
+        >>> p = save_checkpoint({"epoch": 2}, f"{tempfile.mkdtemp()}/c.pth")
+        >>> load_checkpoint(p)["epoch"]
+        2
+    """
+    reserved = {FORMAT_KEY, VERSIONS_KEY} & set(payload)
+    if reserved:
+        raise ValueError(f"payload keys {sorted(reserved)} are reserved for the nnh header")
+    return atomic_save({**make_header(), **payload}, path, durable=durable)

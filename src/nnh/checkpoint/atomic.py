@@ -1,0 +1,258 @@
+"""Atomic, durable file writes.
+
+Every write goes to a temporary file in the destination folder, is flushed and fsynced,
+then renamed onto the final name with :func:`os.replace` (atomic on POSIX and Windows),
+and finally the folder itself is fsynced so that the rename survives a power cut. A reader
+therefore sees either the previous complete file or the new complete file under the final
+name, never a partial one, even if the writer is killed with ``kill -9`` at any moment.
+
+Temporary files are named ``.{final name}.tmp-{host}-{pid}-{token}``. A writer that is
+killed mid-write leaves its temporary file behind (the final name is untouched);
+:func:`cleanup_stale_temps` removes those whose writer is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from nnh.checkpoint.errors import CheckpointError
+
+__all__ = [
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "cleanup_stale_temps",
+    "list_temp_files",
+    "replace_previous",
+]
+
+PathLike = str | os.PathLike[str]
+
+_TEMP_RE = re.compile(
+    r"^\.(?P<name>.*)\.tmp-(?P<host>[A-Za-z0-9_]*)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$"
+)
+_MAX_NAME_IN_TEMP = 120
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32]
+
+
+def _temp_name(final: Path) -> str:
+    return f".{final.name[:_MAX_NAME_IN_TEMP]}.tmp-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _prepare_destination(final: Path) -> None:
+    if final.is_dir():
+        raise CheckpointError(
+            f"cannot write {str(final)!r}: it is a folder. What to do: give a file name "
+            "inside it, e.g. 'model.pth'.",
+            path=final,
+            kind="not_a_file",
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _open_fresh_temp(final: Path) -> tuple[Path, IO[bytes]]:
+    for _ in range(16):
+        tmp = final.parent / _temp_name(final)
+        try:
+            return tmp, open(tmp, "xb")  # closed by the caller
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temporary file next to {str(final)!r}")
+
+
+def _fsync_folder(folder: Path) -> None:
+    if os.name != "posix":  # Windows cannot open a folder for fsync
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (network mounts) refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None], durable: bool) -> Path:
+    final = Path(path)
+    _prepare_destination(final)
+    tmp, handle = _open_fresh_temp(final)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if durable:
+        _fsync_folder(final.parent)
+    return final
+
+
+def atomic_save(obj: Any, path: PathLike, *, durable: bool = True) -> Path:
+    """Write ``obj`` with :func:`torch.save` so that ``path`` is never seen half-written.
+
+    The bytes go to a temporary file in the same folder, which is flushed, fsynced and
+    renamed onto ``path``; then the folder is fsynced. Parent folders are created. If
+    anything fails (including ``KeyboardInterrupt``) the temporary file is removed and an
+    existing file at ``path`` is left untouched. ``durable=False`` skips both fsyncs: the
+    write stays atomic against a crashed process but not against a power cut.
+
+    Returns the final path.
+
+    Example:
+        >>> import tempfile, torch
+        >>> folder = tempfile.mkdtemp()
+        >>> p = atomic_save({"w": torch.ones(2)}, f"{folder}/sub/model.pth")
+        >>> torch.load(p, weights_only=True)["w"].tolist()
+        [1.0, 1.0]
+    """
+    return _atomic_write(path, lambda handle: torch.save(obj, handle), durable)
+
+
+def atomic_write_bytes(data: bytes, path: PathLike, *, durable: bool = True) -> Path:
+    """Atomically replace ``path`` with ``data`` (same guarantees as :func:`atomic_save`).
+
+    Example:
+        >>> import tempfile
+        >>> p = atomic_write_bytes(b"abc", f"{tempfile.mkdtemp()}/x.bin")
+        >>> p.read_bytes()
+        b'abc'
+    """
+    return _atomic_write(path, lambda handle: handle.write(data), durable)
+
+
+def atomic_write_text(
+    text: str, path: PathLike, *, encoding: str = "utf-8", durable: bool = True
+) -> Path:
+    """Atomically replace ``path`` with ``text`` encoded as ``encoding`` (e.g. a CSV log).
+
+    Example:
+        >>> import tempfile
+        >>> p = atomic_write_text("epoch,loss\\n0,1.5\\n", f"{tempfile.mkdtemp()}/log.csv")
+        >>> p.read_text().splitlines()[1]
+        '0,1.5'
+    """
+    return atomic_write_bytes(text.encode(encoding), path, durable=durable)
+
+
+def replace_previous(new_path: PathLike, old_path: PathLike | None) -> bool:
+    """Delete ``old_path`` now that ``new_path`` is safely written; return whether it was deleted.
+
+    Nothing is deleted when ``old_path`` is ``None``, does not exist, or is the same file as
+    ``new_path`` (saving twice under one name must not delete the only copy). Refuses to
+    delete anything while ``new_path`` does not exist.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "old.pth").write_bytes(b"1"); _ = (d / "new.pth").write_bytes(b"2")
+        >>> replace_previous(d / "new.pth", d / "old.pth"), (d / "old.pth").exists()
+        (True, False)
+        >>> replace_previous(d / "new.pth", d / "new.pth")
+        False
+    """
+    new, old = Path(new_path), None if old_path is None else Path(old_path)
+    if not new.is_file():
+        raise CheckpointError(
+            f"will not delete the previous checkpoint {os.fspath(old_path)!r} because the new "
+            f"one {str(new)!r} does not exist. What to do: save the new checkpoint first.",
+            path=new,
+            kind="missing",
+        )
+    if old is None or not old.exists():
+        return False
+    if os.path.samefile(new, old):
+        return False
+    old.unlink()
+    return True
+
+
+def list_temp_files(folder: PathLike, name: str | None = None) -> list[Path]:
+    """List the atomic-write temporary files in ``folder`` (optionally only those for ``name``).
+
+    Example:
+        >>> import tempfile
+        >>> list_temp_files(tempfile.mkdtemp())
+        []
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _TEMP_RE.match(entry.name)
+        if match and (name is None or match["name"] == name[:_MAX_NAME_IN_TEMP]):
+            found.append(entry)
+    return sorted(found)
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # cannot tell cheaply: treat as alive, rely on age
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists but belongs to someone else
+        return True
+    return True
+
+
+def _is_stale(entry: Path, now: float, max_age_s: float) -> bool:
+    match = _TEMP_RE.match(entry.name)
+    if match is None:
+        return False
+    try:
+        age = now - entry.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > max_age_s:
+        return True
+    pid = int(match["pid"])
+    same_host = match["host"] == _host_tag()
+    return same_host and pid != os.getpid() and not _pid_alive(pid)
+
+
+def cleanup_stale_temps(
+    folder: PathLike, name: str | None = None, *, max_age_s: float = 3600.0
+) -> list[Path]:
+    """Remove temporary files left in ``folder`` by writers that were killed mid-write.
+
+    A temporary file is stale when the process that wrote it (same host, recorded pid) no
+    longer exists, or when it is older than ``max_age_s`` seconds whoever wrote it (the only
+    rule for files written from other hosts on a shared file system). Files of live writers,
+    including this process, are kept. Returns the removed paths.
+
+    Example:
+        >>> import tempfile
+        >>> cleanup_stale_temps(tempfile.mkdtemp())
+        []
+    """
+    now = time.time()
+    removed = []
+    for entry in list_temp_files(folder, name):
+        if _is_stale(entry, now, max_age_s):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
