@@ -33,7 +33,12 @@ def ve_sdes(draw) -> VESDE:
     lo = draw(st.floats(1e-3, 1.0, allow_subnormal=False))
     ratio = draw(st.floats(2.0, 1e4, allow_subnormal=False))
     T = draw(Ts)
-    return VESDE(sigma_min=lo, sigma_max=lo * ratio, T=T, epsilon=T * draw(st.floats(1e-6, 0.1, allow_subnormal=False)))
+    return VESDE(
+        sigma_min=lo,
+        sigma_max=lo * ratio,
+        T=T,
+        epsilon=T * draw(st.floats(1e-6, 0.1, allow_subnormal=False)),
+    )
 
 
 @st.composite
@@ -42,7 +47,9 @@ def beta_sdes(draw) -> SDE:
     b1 = b0 + draw(st.floats(0.0, 30.0, allow_subnormal=False))
     T = draw(Ts)
     cls = draw(st.sampled_from([VPSDE, SubVPSDE]))
-    return cls(beta_min=b0, beta_max=b1, T=T, epsilon=T * draw(st.floats(1e-6, 0.1, allow_subnormal=False)))
+    return cls(
+        beta_min=b0, beta_max=b1, T=T, epsilon=T * draw(st.floats(1e-6, 0.1, allow_subnormal=False))
+    )
 
 
 any_sde = st.one_of(ve_sdes(), beta_sdes())
@@ -86,7 +93,9 @@ def test_marginal_moments_solve_the_forward_moment_odes(sde):
 @given(ve_sdes())
 def test_ve_end_points(sde):
     ends = torch.tensor([0.0, sde.T], dtype=F64)
-    assert torch.allclose(sde.sigma(ends), torch.tensor([sde.sigma_min, sde.sigma_max], dtype=F64), rtol=1e-12)
+    assert torch.allclose(
+        sde.sigma(ends), torch.tensor([sde.sigma_min, sde.sigma_max], dtype=F64), rtol=1e-12
+    )
     assert torch.equal(sde.mu(ends), torch.ones(2, dtype=F64))
     assert sde.prior_std == sde.sigma_max
 
@@ -95,7 +104,9 @@ def test_ve_end_points(sde):
 def test_beta_schedule_closed_forms_for_any_T(sde, frac):
     t = torch.tensor([0.0, frac * sde.T, sde.T], dtype=F64)
     beta = sde.beta(t)
-    assert torch.allclose(beta[[0, 2]], torch.tensor([sde.beta_min, sde.beta_max], dtype=F64), rtol=1e-12)
+    assert torch.allclose(
+        beta[[0, 2]], torch.tensor([sde.beta_min, sde.beta_max], dtype=F64), rtol=1e-12
+    )
     # B(t) written independently in the unit time s = t/T
     s = frac
     B = sde.T * (sde.beta_min * s + 0.5 * (sde.beta_max - sde.beta_min) * s * s)
@@ -105,7 +116,12 @@ def test_beta_schedule_closed_forms_for_any_T(sde, frac):
     assert math.isclose(sde.sigma(t[1]).item(), expected_sigma, rel_tol=1e-10)
     assert sde.mu(t[0]).item() == 1.0 and sde.sigma(t[0]).item() == 0.0
     # T is a unit of time: the process with T equals the T=1 process with betas scaled by T
-    unit = type(sde)(beta_min=sde.T * sde.beta_min, beta_max=sde.T * sde.beta_max, T=1.0, epsilon=sde.epsilon / sde.T)
+    unit = type(sde)(
+        beta_min=sde.T * sde.beta_min,
+        beta_max=sde.T * sde.beta_max,
+        T=1.0,
+        epsilon=sde.epsilon / sde.T,
+    )
     assert torch.allclose(sde.mu(t), unit.mu(t / sde.T), rtol=1e-10)
     assert torch.allclose(sde.sigma(t), unit.sigma(t / sde.T), rtol=1e-10)
 
@@ -130,7 +146,10 @@ def test_time_broadcasting_matches_per_sample_scalars(sde, batch, seed):
         tb = float(t[b])
         xb = x[b : b + 1]
         assert torch.allclose(sde.drift(t, x)[b], sde.drift(tb, xb)[0])
-        assert torch.allclose((sde.diffusion(t, x) * torch.ones_like(x))[b], sde.diffusion(tb, xb) * torch.ones_like(xb[0]))
+        assert torch.allclose(
+            (sde.diffusion(t, x) * torch.ones_like(x))[b],
+            sde.diffusion(tb, xb) * torch.ones_like(xb[0]),
+        )
         m_b, s_b = sde.marginal_prob(xb, tb)
         assert torch.allclose(mean[b], m_b[0]) and torch.allclose(std[b], s_b)
 
@@ -195,7 +214,9 @@ def unchanged(before: list[torch.Tensor], *after: torch.Tensor) -> bool:
 
 
 def score(t, x):
-    return -torch.tanh(x) * (1.0 + torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1))))
+    return -torch.tanh(x) * (
+        1.0 + torch.as_tensor(t, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+    )
 
 
 @given(any_sde, st.integers(0, 2**31 - 1), st.sampled_from(["Euler", "Heun", "RK4"]))
@@ -208,8 +229,12 @@ def test_step_functions_are_pure_and_deterministic(sde, seed, method):
     before = snapshot(x, noise, probes, t)
     state = torch.get_rng_state()
 
-    out1 = em_sde_step(sde, score, t, x, 0.01 * sde.T, noise, guidance_fn=score, guidance_factor=0.5)
-    out2 = em_sde_step(sde, score, t, x, 0.01 * sde.T, noise, guidance_fn=score, guidance_factor=0.5)
+    out1 = em_sde_step(
+        sde, score, t, x, 0.01 * sde.T, noise, guidance_fn=score, guidance_factor=0.5
+    )
+    out2 = em_sde_step(
+        sde, score, t, x, 0.01 * sde.T, noise, guidance_fn=score, guidance_factor=0.5
+    )
     lik1 = ode_likelihood_step(sde, score, t, x, 0.01 * sde.T, probes, method)
     lik2 = ode_likelihood_step(sde, score, t, x, 0.01 * sde.T, probes, method)
     div1 = hutchinson_divergence(lambda y: score(t, y), x, probes)
@@ -220,5 +245,8 @@ def test_step_functions_are_pure_and_deterministic(sde, seed, method):
 
     assert unchanged(before, x, noise, probes, t)
     assert torch.equal(torch.get_rng_state(), state)
-    assert all(torch.equal(a, b) for a, b in zip((*out1, *lik1, div1, dsm1), (*out2, *lik2, div2, dsm2), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip((*out1, *lik1, div1, dsm1), (*out2, *lik2, div2, dsm2), strict=True)
+    )
     assert out1[0] is not x and lik1[0] is not x

@@ -37,6 +37,17 @@ class AutoEncoder(nn.Module):
         return self.dec(torch.tanh(self.enc(x)))
 
 
+class DDPNet(nn.Module):
+    """No BatchNorm or dropout: two DDP ranks of batch b equal one process of batch 2b."""
+
+    def __init__(self, d: int = 5):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def classification_data(n: int = 120, d: int = 8, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)

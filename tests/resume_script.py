@@ -13,10 +13,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-from models import MLP, BatchLog, SlowFrom, accuracy, classification_data  # noqa: E402
+import torch
+from models import MLP, BatchLog, SlowFrom, accuracy, classification_data
 
-from nnh import NNHandler  # noqa: E402
+from nnh import NNHandler
 
 TRAIN = dict(ema_decay=0.9, gradient_accumulation_steps=2, gradient_clipping_norm=1.0, progress_bar=False)
 

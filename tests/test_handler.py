@@ -69,9 +69,9 @@ def test_errors_before_any_work():
     assert all(torch.equal(before[k], v) for k, v in h.module.state_dict().items())
     with pytest.raises(TypeError, match="SGD does not accept the options"):
         h.set_optimizer(torch.optim.SGD, lr=0.1, betas=(0.9, 0.99))
-    with pytest.raises(TypeError, match="torch.optim.Optimizer subclass"):
+    with pytest.raises(TypeError, match=r"torch\.optim\.Optimizer subclass"):
         h.set_optimizer("adam", lr=0.1)
-    with pytest.raises(ValueError, match="ready DataLoader and DataLoader options"):
+    with pytest.raises(ValueError, match=r"ready DataLoader and DataLoader options"):
         h.set_train_loader(DataLoader(classification_data()), batch_size=3)
 
 

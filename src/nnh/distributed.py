@@ -7,6 +7,8 @@ branches beyond choosing this context.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import os
 import re
@@ -134,6 +136,32 @@ class DistContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    _FAILURE_KEY = "nnh/failure"
+
+    def fail(self, exc: BaseException) -> BaseException:
+        """Called on a rank whose training raised: tell the other ranks and return the error
+        to raise. A rank whose collective broke because a peer failed gets that peer's error.
+
+        The failing rank posts its error to the process group's store and tears the group
+        down, so peers blocked in a collective fail at once instead of waiting for a timeout.
+        """
+        if not self.enabled or not dist.is_initialized():
+            return exc
+        store = None
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            if store.check([self._FAILURE_KEY]):
+                message = store.get(self._FAILURE_KEY).decode()
+                if not message.startswith(f"rank {self.rank} "):
+                    return RuntimeError(f"training stopped on every rank because {message}")
+            store.set(self._FAILURE_KEY, f"rank {self.rank} raised {type(exc).__name__}: {exc}")
+        except Exception:  # the store's host may be the rank that died
+            pass
+        with contextlib.suppress(Exception):  # already torn down
+            dist.destroy_process_group()
+        self.enabled = False
+        return exc
+
     def gather_objects(self, obj: Any, dst: int = 0) -> list[Any] | None:
         """Objects of every rank on ``dst`` (``None`` elsewhere)."""
         if not self.enabled:
@@ -141,6 +169,13 @@ class DistContext:
         out: list[Any] | None = [None] * self.world_size if self.rank == dst else None
         dist.gather_object(obj, out, dst=dst)
         return out
+
+
+def _destroy_at_exit() -> None:
+    """Tear down the group nnh created, so the process exits cleanly (best effort)."""
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 def setup_distributed(
@@ -182,4 +217,5 @@ def setup_distributed(
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        atexit.register(_destroy_at_exit)
     return DistContext(dist.get_rank(), env.local_rank, dist.get_world_size(), enabled=True), device

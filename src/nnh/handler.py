@@ -34,8 +34,10 @@ from nnh.core import (
     init_train_state,
 )
 from nnh.core.accumulate import pack_sums, sums_to_means
+from nnh.core.objectives import batch_size
 from nnh.core.tree import flat_td
 from nnh.data import build_loader, fast_loader, move_to_device
+from nnh.ddp import real_samples, trim_batch
 from nnh.distributed import setup_distributed
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
@@ -342,6 +344,13 @@ class NNHandler:
     def world_size(self) -> int:
         return self._dist.world_size
 
+    def _inference_model(self) -> nn.Module:
+        """The model for forward passes without gradient sync (evaluation, prediction,
+        sampling): under DDP the plain module, so ranks may run different numbers of them."""
+        if self._dist.enabled or isinstance(self._model, nn.parallel.DistributedDataParallel):
+            return self.module
+        return self._model
+
     # ------------------------------------------------------------------ configuration
     def set_model(
         self,
@@ -427,18 +436,19 @@ class NNHandler:
         self._loss_fn_kwargs = dict(kwargs)
 
     def _make_loader(self, which: str, dataset: Dataset | DataLoader, loader_kwargs: dict[str, Any]) -> DataLoader:
-        sampler = None
-        if self._dist.enabled and not isinstance(dataset, DataLoader) and "sampler" not in loader_kwargs \
-                and "batch_sampler" not in loader_kwargs:
+        kwargs = dict(loader_kwargs)
+        sampler = kwargs.pop("sampler", None)
+        if sampler is None and self._dist.enabled and not isinstance(dataset, DataLoader) \
+                and "batch_sampler" not in kwargs:
             sampler = DistributedSampler(
                 dataset,
                 num_replicas=self._dist.world_size,
                 rank=self._dist.rank,
-                shuffle=bool(loader_kwargs.get("shuffle", which == "train" and False)),
+                shuffle=bool(kwargs.get("shuffle", False)),
                 seed=self._seed if self._seed is not None else 0,
-                drop_last=bool(loader_kwargs.get("drop_last", False)),
+                drop_last=bool(kwargs.get("drop_last", False)),
             )
-        loader = build_loader(dataset, sampler=sampler, **loader_kwargs)
+        loader = build_loader(dataset, sampler=sampler, **kwargs)
         self._loader_kwargs[which] = dict(loader_kwargs)
         return loader
 
@@ -663,6 +673,11 @@ class NNHandler:
                     if i != epochs - 1:
                         self._auto_saver_final(logs, save_on_last_epoch)
                     break
+        except BaseException as exc:
+            error = self._dist.fail(exc)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             epoch_bar.close()
         callbacks.call("on_train_end", logs)
@@ -688,15 +703,20 @@ class NNHandler:
         loader = fast_loader(self._train_loader)
         bar = tqdm(total=len(loader), desc=f"Epoch {epoch} train", leave=False, dynamic_ncols=True) \
             if batch_bars else None
+        uneven = self._dist.enabled and isinstance(self._model, nn.parallel.DistributedDataParallel) \
+            and not isinstance(getattr(self._train_loader, "sampler", None), DistributedSampler)
+        join = self._model.join() if uneven else contextlib.nullcontext()
         try:
-            result = run_train_epoch(
-                self._state, config, loader, device=self._device, metrics=self._metrics, callbacks=callbacks,
-                progress=bar, status=bar if bar is not None else epoch_bar, debug_print_interval=debug_print_interval, log=self._log,
-                epoch_label=f"epoch {epoch}", on_step=self._step_hook(epoch),
-                skip_batches=resume["batch_offset"] if resume else 0,
-                after_skip=(lambda: restore_rng(resume["step_rng"])) if resume else None,
-                initial_sums=resume["sums"] if resume else None,
-            )
+            with join:
+                result = run_train_epoch(
+                    self._state, config, loader, device=self._device, metrics=self._metrics, callbacks=callbacks,
+                    progress=bar, status=bar if bar is not None else epoch_bar, debug_print_interval=debug_print_interval, log=self._log,
+                    epoch_label=f"epoch {epoch}", on_step=self._step_hook(epoch),
+                    skip_batches=resume["batch_offset"] if resume else 0,
+                    after_skip=(lambda: restore_rng(resume["step_rng"])) if resume else None,
+                    initial_sums=resume["sums"] if resume else None,
+                    real_samples=real_samples(self._train_loader),
+                )
         finally:
             if bar is not None:
                 bar.close()
@@ -713,6 +733,12 @@ class NNHandler:
         names = list(self._metrics)
         n_train = 2 + len(names)
         train_loss, train_metrics, _ = sums_to_means(flat[:n_train], names)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"the training loss of epoch {epoch} is {train_loss} (on every rank): training diverged. "
+                "Lower the learning rate, clip gradients (gradient_clipping_norm=...), or check the "
+                "data and the loss function for inf/NaN"
+            )
         logs: dict[str, Any] = {"epoch": epoch, "loss": train_loss, **train_metrics}
         val_loss, val_metrics = None, None
         if has_val:
@@ -721,10 +747,10 @@ class NNHandler:
             logs.update({f"val_{k}": v for k, v in val_metrics.items()})
             callbacks.call("on_val_end", dict(logs))
         self._history.append(train_loss, val_loss, train_metrics, val_metrics)
-        self._step_scheduler(train_loss, val_loss)
         optimizer = self.optimizer
         if optimizer is not None:
-            logs["lr"] = float(optimizer.param_groups[0]["lr"])
+            logs["lr"] = float(optimizer.param_groups[0]["lr"])  # the rate this epoch trained with
+        self._step_scheduler(train_loss, val_loss)
         self._log(f"epoch {epoch}: " + ", ".join(f"{k}={v:.6g}" for k, v in logs.items() if k != "epoch"))
         callbacks.call("on_epoch_end", epoch, logs)
         self._auto_saver_epoch(epoch, logs, last and save_on_last_epoch)
@@ -735,10 +761,12 @@ class NNHandler:
         loader = fast_loader(self._val_loader)
         bar = tqdm(total=len(loader), desc=f"Epoch {epoch} val", leave=False, dynamic_ncols=True) \
             if batch_bars else None
+        if self._dist.enabled:
+            config = attrs.evolve(config, model=self._inference_model())
         self.module.eval()
         try:
             return run_val_epoch(self._state, config, loader, device=self._device, metrics=self._metrics,
-                                 callbacks=callbacks, progress=bar)
+                                 callbacks=callbacks, progress=bar, real_samples=real_samples(self._val_loader))
         finally:
             if bar is not None:
                 bar.close()
@@ -955,15 +983,16 @@ class NNHandler:
                 torch._foreach_copy_(live, backup)
 
     def _forward_batch(self, batch: Any) -> Any:
+        model = self._inference_model()
         if isinstance(batch, torch.Tensor):
-            return self._model(batch)
+            return model(batch)
         if isinstance(batch, (list, tuple)):
             if self._model_type.inputs_are_targets:
-                return self._model(*batch)
-            return self._model(batch[0], *batch[2:])
+                return model(*batch)
+            return model(batch[0], *batch[2:])
         if isinstance(batch, dict):
-            return self._model(**batch)
-        return self._model(batch)
+            return model(**batch)
+        return model(batch)
 
     def predict(self, data_loader: DataLoader | Dataset, apply_ema: bool = True) -> list[Any] | None:
         """Model outputs for every batch of ``data_loader`` (eval mode, no gradients).
@@ -974,20 +1003,29 @@ class NNHandler:
         """
         if not isinstance(data_loader, DataLoader):
             data_loader = DataLoader(data_loader, batch_size=64)
+        from nnh.ddp import gather_predictions, sharded_eval_loader
+
+        data_loader = sharded_eval_loader(data_loader, self._dist)
+        real = real_samples(data_loader)
+        seen = 0
         was_training = self.module.training
         self.module.eval()
         outputs: list[Any] = []
         try:
             with self._ema_weights(apply_ema), torch.no_grad():
                 for batch in fast_loader(data_loader):
+                    if real is not None:
+                        n = batch_size(batch[0] if isinstance(batch, (list, tuple)) else batch)
+                        k, seen = max(0, min(n, real - seen)), seen + n
+                        if k == 0:
+                            continue
+                        batch = trim_batch(batch, k)
                     outputs.append(self._forward_batch(move_to_device(batch, self._device)))
         finally:
             if was_training:
                 self._train_mode()
         if not self._dist.enabled:
             return outputs
-        from nnh.ddp import gather_predictions
-
         return gather_predictions(self._dist, outputs, data_loader)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -1034,7 +1072,7 @@ class NNHandler:
         t = as_time_tensor(t, x)
         if t.dim() == 0:
             t = t.expand(x.shape[0])
-        return self._model(t, x, *args) / expand_time(sde.sigma(t), x)
+        return self._inference_model()(t, x, *args) / expand_time(sde.sigma(t), x)
 
     def sample(
         self,

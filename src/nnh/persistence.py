@@ -66,6 +66,13 @@ def _path_or_none(obj: Any, what: str, warn: bool = True) -> str | None:
     ok, reason = is_importable(obj)
     if ok:
         return import_path(obj)
+    qualname = getattr(obj, "__qualname__", "")
+    if getattr(obj, "__module__", None) == "__main__" and "<" not in qualname:
+        if warn:
+            warnings.warn(f"{what} is defined in the script being run (__main__.{qualname}): the checkpoint "
+                          "loads from that same script only; move it into an importable module to load it "
+                          "anywhere", stacklevel=4)
+        return f"__main__.{qualname}"
     if warn:
         warnings.warn(f"{what} cannot be saved by import path ({reason}); after loading, set it again", stacklevel=4)
     return None
@@ -162,7 +169,7 @@ def handler_payload(handler: NNHandler, *, include_datasets: bool = True,
     h = handler
     module = h.module
     model_class = type(module)
-    model_path = _path_or_none(model_class, f"model class {model_class.__name__}", warn=not h._save_model_code)
+    model_path = _path_or_none(model_class, f"model class {model_class.__name__}")
     if model_path is None and not h._save_model_code:
         raise CheckpointError(
             f"the model class {model_class.__qualname__} cannot be recorded by import path; define it at "
@@ -338,7 +345,11 @@ def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, str
             cls = _resolve_optional(rec["class"], "a callback", h._log)
             if cls is None:
                 continue
-            cb = cls(**rec["config"])
+            try:
+                cb = cls(**rec["config"])
+            except ImportError as err:  # e.g. TensorBoardLogger without tensorboard installed
+                warnings.warn(f"callback {rec['class']} skipped: {err}", stacklevel=3)
+                continue
             cb.load_state_dict(rec["state"])
             h.add_callback(cb)
     if not skip_sampler_sde:

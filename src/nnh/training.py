@@ -21,6 +21,7 @@ from nnh.callbacks.base import CallbackList
 from nnh.core import TrainConfig, TrainState, end_epoch, eval_step, metric_sums, train_step
 from nnh.core.accumulate import EpochSums, add_to_sums, new_sums
 from nnh.data import move_to_device
+from nnh.ddp import trim_batch
 
 __all__ = ["EpochResult", "run_train_epoch", "run_val_epoch"]
 
@@ -59,6 +60,7 @@ def run_train_epoch(
     initial_sums: Mapping[str, Any] | None = None,
     on_step: Callable[[TrainState, int, EpochSums], None] | None = None,
     num_batches: int | None = None,
+    real_samples: int | None = None,
 ) -> EpochResult:
     """Train one epoch; returns the state after :func:`end_epoch` and the epoch sums.
 
@@ -67,6 +69,8 @@ def run_train_epoch(
     ``after_skip()`` runs (it restores the RNG of the interrupted step) and the sums start
     from ``initial_sums``. ``on_step(state, batch_index, sums)`` runs after every
     micro-step (step checkpoints).
+    ``real_samples``: this rank's count of real (non-padding) samples under a padded
+    DistributedSampler; the padding still trains (as in torch) but is not logged.
     ``progress`` counts batches; ``status`` (default: ``progress``) shows the running loss,
     refreshed at most every 0.5 s.
     """
@@ -80,18 +84,38 @@ def run_train_epoch(
     last_refresh = time.monotonic()
     total = num_batches if num_batches is not None else _safe_len(loader)
     index = -1
+    seen = 0
     for index, batch in enumerate(loader):
         if index < skip_batches:
             if index == skip_batches - 1 and after_skip is not None:
                 after_skip()
+            if real_samples is not None:
+                from nnh.core import batch_size
+
+                seen += batch_size(batch[0] if isinstance(batch, (list, tuple)) else batch)
             continue
         batch = move_to_device(batch, device)
         if batch_hooks_begin:
             callbacks.call("on_train_batch_begin", index, {"batch": batch})
         last = total is not None and index == total - 1
         state, out = train_step(state, batch, config, donate=True, last_batch=last)
-        add_to_sums(sums, out.loss.double() * out.num_samples, out.num_samples,
-                    metric_sums(metrics, out.output, out.target, out.num_samples) if metrics else None)
+        n, loss, output, target = out.num_samples, out.loss, out.output, out.target
+        if real_samples is not None:
+            n = max(0, min(n, real_samples - seen))
+            seen += out.num_samples
+            if n < out.num_samples:
+                output, target = trim_batch(output, n), trim_batch(target, n)
+                loss_of = getattr(config.objective, "loss_of", None)
+                if n and loss_of is not None:
+                    with torch.no_grad():
+                        loss = loss_of(output, target, state.epoch).detach()
+                elif loss_of is not None:
+                    loss = torch.zeros_like(loss)
+                else:
+                    n = out.num_samples  # an objective without loss_of: logged as trained
+        if n:
+            add_to_sums(sums, loss.double() * n, n,
+                        metric_sums(metrics, output, target, n) if metrics else None)
         if batch_hooks_end:
             callbacks.call("on_train_batch_end", index, {"loss": out.loss, "batch_size": out.num_samples,
                                                          "output": out.output, "updated": out.updated})
@@ -119,14 +143,29 @@ def run_val_epoch(
     metrics: Mapping[str, Callable[[Any, Any], Any]],
     callbacks: CallbackList,
     progress: tqdm | None = None,
+    real_samples: int | None = None,
 ) -> EpochResult:
-    """Evaluate one epoch (no gradients); returns the epoch sums."""
+    """Evaluate one epoch (no gradients); returns the epoch sums.
+
+    ``real_samples`` trims DistributedSampler padding off the batches (never evaluated).
+    """
     sums = new_sums(list(metrics), device)
     hooks_begin = callbacks.wants("on_val_batch_begin")
     hooks_end = callbacks.wants("on_val_batch_end")
     index = -1
+    seen = 0
     for index, batch in enumerate(loader):
         batch = move_to_device(batch, device)
+        if real_samples is not None:
+            from nnh.core import batch_size
+
+            n = batch_size(batch[0] if isinstance(batch, (list, tuple)) else batch)
+            k = max(0, min(n, real_samples - seen))
+            seen += n
+            if k == 0:
+                continue
+            if k < n:
+                batch = trim_batch(batch, k)
         if hooks_begin:
             callbacks.call("on_val_batch_begin", index, {"batch": batch})
         out = eval_step(state, batch, config, metrics=metrics)

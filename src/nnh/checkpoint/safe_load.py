@@ -9,6 +9,7 @@ names the file, says what is wrong and what to do.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import pickletools
@@ -148,6 +149,7 @@ def _corrupt(path: Path, detail: str) -> CheckpointError:
     else:
         what = "is not a PyTorch checkpoint (its bytes are not a torch.save file)"
     detail = detail.strip().splitlines()[0] if detail.strip() else "unexpected end of file"
+    detail = detail.split(". ", 1)[0].rstrip(".")
     return CheckpointError(
         f"checkpoint {str(path)!r} {what}: {detail}. What to do: copy or download the file "
         "again, or use an earlier checkpoint; nnh writes atomically, so a previous complete "
@@ -194,7 +196,10 @@ def _torch_load(path: Path, map_location: MapLocation, mmap: bool) -> Any:
     except RuntimeError as err:
         raise _classify_runtime(path, err) from None
     except OSError as err:
-        raise _unreadable(path, err) from None
+        if isinstance(err, PermissionError) or err.errno == errno.EIO:
+            raise _unreadable(path, err) from None
+        # e.g. EINVAL: torch seeks past the end of a truncated zip archive
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from None
 
 
 def load_checkpoint(

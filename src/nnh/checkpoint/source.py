@@ -68,8 +68,11 @@ def _class_source(cls: type) -> str:
     try:
         return textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError) as err:
+        why = str(err)
+        if cls.__module__ not in sys.modules:
+            why = f"its module {cls.__module__!r} is no longer loaded"
         raise CheckpointError(
-            f"cannot capture the source code of {cls.__module__}.{cls.__qualname__}: {err}. "
+            f"cannot capture the source code of {cls.__module__}.{cls.__qualname__}: {why}. "
             "save_model_code needs a class defined in a .py file (or a notebook cell). What "
             "to do: define the class in a file, or save without save_model_code.",
             kind="bad_source",

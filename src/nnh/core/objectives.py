@@ -92,6 +92,18 @@ class Supervised:
         loss = self.loss_fn(output, target, **kwargs)
         return Evaluation(loss=loss, output=output, target=target, num_samples=batch_size(x))
 
+    def loss_of(self, output: Any, target: Any, epoch: int = 0) -> torch.Tensor:
+        """The loss of given outputs (no forward pass): used to log a trimmed batch.
+
+        Example:
+            >>> Supervised(torch.nn.functional.l1_loss).loss_of(torch.ones(2), torch.zeros(2)).item()
+            1.0
+        """
+        kwargs = self.loss_kwargs
+        if self._epoch_ok:
+            kwargs = {**kwargs, "epoch": epoch}
+        return self.loss_fn(output, target, **kwargs)
+
 
 def split_batch(batch: Any, inputs_are_targets: bool) -> tuple[Any, Any, Sequence[Any]]:
     """``(x, target, extra)`` of a batch under the supervised or generative convention.

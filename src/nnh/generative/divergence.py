@@ -77,7 +77,9 @@ def _basis_probes(x: torch.Tensor) -> torch.Tensor:
     return eye.expand(d, *x.shape)
 
 
-def _vjp_quadratic_forms(fn: VectorField, x: torch.Tensor, probes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _vjp_quadratic_forms(
+    fn: VectorField, x: torch.Tensor, probes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(fn(x), q)`` with ``q[k, b] = v_kb^T J_b v_kb``, all probes in one vmapped VJP."""
     out, pullback = vjp(fn, x)
     if out.shape != x.shape:
@@ -124,7 +126,9 @@ def hutchinson_divergence(fn: VectorField, x: torch.Tensor, probes: torch.Tensor
         torch.Size([4])
     """
     if probes is None:
-        raise ValueError("hutchinson_divergence needs probes [K, *x.shape]; use exact_divergence for the exact trace")
+        raise ValueError(
+            "hutchinson_divergence needs probes [K, *x.shape]; use exact_divergence for the exact trace"
+        )
     return value_and_divergence(fn, x, probes)[1]
 
 

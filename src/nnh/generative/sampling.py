@@ -30,7 +30,9 @@ def notify_progress(progress: Progress | None, step: int) -> None:
     elif callable(progress):
         progress(step)
     else:
-        raise TypeError(f"progress must be a callable(step) or have .update(n), got {type(progress).__name__}")
+        raise TypeError(
+            f"progress must be a callable(step) or have .update(n), got {type(progress).__name__}"
+        )
 
 
 def check_steps(steps: int) -> int:
@@ -103,7 +105,11 @@ def sample_reverse_sde(
         t_i = sde.T - i * dt
         t = torch.full((batch,), t_i, dtype=x.dtype, device=x.device)
         last = i == steps - 1
-        noise = torch.zeros_like(x) if last else torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = (
+            torch.zeros_like(x)
+            if last
+            else torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        )
         x_next, x_mean = em_sde_step(
             sde, score_fn, t, x, dt, noise, guidance_fn=guidance_fn, guidance_factor=guidance_factor
         )

@@ -207,7 +207,9 @@ class SDE:
         try:
             return cls(**kwargs)
         except TypeError as exc:
-            raise ValueError(f"cannot rebuild {config['class']} from config {config!r}: {exc}") from exc
+            raise ValueError(
+                f"cannot rebuild {config['class']} from config {config!r}: {exc}"
+            ) from exc
 
 
 def _resolve_sde_class(path: str) -> type[SDE]:
@@ -236,7 +238,9 @@ def _check_beta(beta_min: float, beta_max: float) -> None:
     _check_positive("beta_min", beta_min)
     _check_positive("beta_max", beta_max)
     if beta_min > beta_max:
-        raise ValueError(f"beta_min must be <= beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        raise ValueError(
+            f"beta_min must be <= beta_max, got beta_min={beta_min}, beta_max={beta_max}"
+        )
 
 
 @attrs.frozen
