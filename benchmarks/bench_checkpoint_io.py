@@ -15,7 +15,7 @@ Each file overwrites the previous one of its method, as repeated checkpointing d
 per-method medians and the median of per-round ratios to ``torch.save`` (this machine is
 shared and noisy: trust ratios more than absolute times).
 
-    python benchmarks/bench_checkpoint_io.py [--params 100000000] [--rounds 5] [--dir DIR]
+    python benchmarks/bench_checkpoint_io.py [--params 100000000] [--rounds 9] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -113,20 +113,22 @@ def run(params: int, rounds: int, folder: Path) -> dict[str, dict[str, list[floa
 
 def report(times: dict[str, dict[str, list[float]]]) -> None:
     base = times["torch.save"]
-    print(f"{'method':<18} {'save s':>8} {'ratio':>7} {'load s':>8} {'ratio':>7}")
+    head = f"{'median s':>9} {'min s':>7} {'ratio':>7}"
+    print(f"{'':<18} {'save':^25}   {'load':^25}")
+    print(f"{'method':<18} {head}   {head}")
     for name, t in times.items():
         cells = []
         for op in ("save", "load"):
             ratio = statistics.median(a / b for a, b in zip(t[op], base[op]))
-            cells.append(f"{statistics.median(t[op]):>8.3f} {ratio:>6.2f}x")
-        print(f"{name:<18} {cells[0]} {cells[1]}")
+            cells.append(f"{statistics.median(t[op]):>9.3f} {min(t[op]):>7.3f} {ratio:>6.2f}x")
+        print(f"{name:<18} {cells[0]}   {cells[1]}")
     print("ratio = median over rounds of (method / torch.save) in the same round")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=100_000_000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--dir", type=Path, default=None, help="folder for the files")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -25,6 +25,7 @@ from nnh.core import (
 )
 from nnh.enums import LoggingMode, ModelType
 from nnh.handler import NNHandler
+from nnh.sampler import Sampler
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "ModelType",
     "NNHandler",
     "OptimizerAdapter",
+    "Sampler",
     "Supervised",
     "TrainConfig",
     "TrainState",

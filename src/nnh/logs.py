@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+from pathlib import Path
 
 from nnh.enums import LoggingMode
 
@@ -38,6 +39,7 @@ def make_logger(
         console.setFormatter(formatter)
         logger.addHandler(console)
     if mode in (LoggingMode.FILE, LoggingMode.BOTH):
+        Path(filename).parent.mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(filename)
         file.setFormatter(formatter)
         logger.addHandler(file)

@@ -10,6 +10,7 @@ from nnh.callbacks.base import HOOKS, Callback, CallbackList
 from nnh.callbacks.csv_logger import CSVLogger
 from nnh.callbacks.early_stopping import EarlyStopping
 from nnh.callbacks.lr_monitor import LearningRateMonitor
+from nnh.callbacks.model_checkpoint import ModelCheckpoint
 from nnh.callbacks.tensorboard import TensorBoardLogger
 from nnh.callbacks.timer import EpochTimer
 
@@ -21,5 +22,6 @@ __all__ = [
     "EarlyStopping",
     "EpochTimer",
     "LearningRateMonitor",
+    "ModelCheckpoint",
     "TensorBoardLogger",
 ]
