@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VPY) -m pytest -q -p no:cacheprovider
+	$(VPY) -m pytest -q -p no:cacheprovider --doctest-modules src/nnh
 
 lint: $(VENV)/.installed
 	$(VPY) -m ruff check .

@@ -134,15 +134,29 @@ def bench(width: int, n: int, rounds: int) -> dict[str, float]:
     return out
 
 
+CONFIGS = {64: (128 * 60, 0.95), 1024: (128 * 12, 1.02)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--width", type=int, default=None, help="run one width in this process")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.width is not None:
+        n, _ = CONFIGS[args.width]
+        print(json.dumps(bench(args.width, n, args.rounds)))
+        return
+    # each width in a fresh process: one configuration's heap and caches cannot skew another's
+    import subprocess
+    import sys
+
     results = {}
-    for width, n, goal in ((64, 128 * 60, 0.95), (1024, 128 * 12, 1.02)):
-        res = bench(width, n, args.rounds)
+    for width, (_, goal) in CONFIGS.items():
+        out = subprocess.run([sys.executable, __file__, "--width", str(width), "--rounds", str(args.rounds)],
+                             check=True, capture_output=True, text=True).stdout
+        res = json.loads(out.strip().splitlines()[-1])
         results[f"W={width}"] = res
         line = f"W={width:5d}: plain {res['plain_ms_per_epoch']:8.1f} ms/epoch, nnh {res['nnh_ms_per_epoch']:8.1f} ms/epoch, " \
                f"ratio {res['nnh_over_plain']:.3f} (goal <= {goal})"

@@ -20,8 +20,8 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from nnh import NNHandler  # noqa: E402
-from nnh.callbacks import CSVLogger, EarlyStopping, EpochTimer, LearningRateMonitor  # noqa: E402
+from nnh import NNHandler
+from nnh.callbacks import CSVLogger, EarlyStopping, EpochTimer, LearningRateMonitor
 
 
 class SpiralNet(nn.Module):

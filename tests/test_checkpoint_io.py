@@ -124,41 +124,34 @@ def test_failed_save_leaves_previous_file_and_no_temp(tmp_path: Path) -> None:
     assert list_temp_files(tmp_path) == []
 
 
-def test_write_behind_syncs_large_saves_in_the_background(tmp_path: Path, monkeypatch) -> None:
-    calls = []
-    real_sync = os.fdatasync
+def test_durable_save_fsyncs_file_and_folder(tmp_path: Path, monkeypatch) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
 
-    def counting_sync(fd: int) -> None:
-        calls.append(fd)
-        real_sync(fd)
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if sys.platform == "linux" else "?")
+        real_fsync(fd)
 
-    monkeypatch.setattr(atomic_module, "_WRITE_BEHIND_CHUNK", 1 << 20)
-    monkeypatch.setattr(os, "fdatasync", counting_sync)
-    payload = {f"t{i}": torch.full((1 << 19,), float(i)) for i in range(8)}  # 16 MB
-    path = atomic_save(payload, tmp_path / "big.pth")
-    assert len(calls) >= 2, "the helper thread never synced"
-    loaded = torch.load(path, weights_only=True)
-    assert all(torch.equal(loaded[k], v) for k, v in payload.items())
-
-    calls.clear()
-    atomic_save(payload, tmp_path / "fast.pth", durable=False)
-    atomic_save({"small": torch.ones(3)}, tmp_path / "small.pth")
-    assert calls == [], "no-fsync and small saves must not start the helper"
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = atomic_save({"w": torch.ones(3)}, tmp_path / "d.pth")
+    assert len(synced) == 2  # the written file, then the folder holding the new name
+    if sys.platform == "linux":
+        assert ".d.pth.tmp-" in synced[0] and synced[1] == str(tmp_path)
+    synced.clear()
+    atomic_save({"w": torch.ones(3)}, path, durable=False)
+    assert synced == []
 
 
-def test_write_behind_error_fails_the_save_and_keeps_the_old_file(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_failed_fsync_fails_the_save_and_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
     path = atomic_save({"v": torch.ones(1)}, tmp_path / "m.pth")
     before = path.read_bytes()
 
-    def failing_sync(fd: int) -> None:
+    def failing_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(atomic_module, "_WRITE_BEHIND_CHUNK", 1 << 20)
-    monkeypatch.setattr(os, "fdatasync", failing_sync)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="Input/output"):
-        atomic_save({"t": torch.zeros(1 << 21)}, path)
+        atomic_save({"t": torch.zeros(1000)}, path)
     assert path.read_bytes() == before and list_temp_files(tmp_path) == []
 
 
@@ -347,10 +340,8 @@ WRITER = textwrap.dedent(
     import os, sys
     import torch
     torch.set_num_threads(1)
-    import nnh.checkpoint.atomic
     from nnh.checkpoint import save_checkpoint
 
-    nnh.checkpoint.atomic._WRITE_BEHIND_CHUNK = 8 << 20  # exercise the write-behind helper too
     path, n, numel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
     def write_forever(counter):

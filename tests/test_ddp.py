@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-import ddp_script  # noqa: E402
+import ddp_script
 
-from nnh import NNHandler  # noqa: E402
+from nnh import NNHandler
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 TIMEOUT = 120

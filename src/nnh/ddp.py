@@ -26,7 +26,7 @@ def real_samples(loader: Any) -> int | None:
         >>> from torch.utils.data import TensorDataset
         >>> ds = TensorDataset(torch.arange(5.0))
         >>> [real_samples(DataLoader(ds, sampler=DistributedSampler(ds, 2, r, shuffle=False))) for r in (0, 1)]
-        [3, 2]
+        [None, 2]
     """
     sampler = getattr(loader, "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.drop_last:

@@ -569,6 +569,21 @@ class NNHandler:
         self._state = state
         return state
 
+    def _train_config(self, **settings: Any) -> TrainConfig:
+        """The core's static configuration; reused while nothing it depends on changed, so
+        repeated ``train()`` calls do not rebuild the module binding."""
+        objective = self._objective()
+        key = (id(self._model), id(self.module), id(self._adapter), type(objective),
+               id(getattr(objective, "loss_fn", None)), id(self._loss_fn_kwargs), self._pass_epoch_to_loss,
+               id(self._sde), self._model_type, tuple(sorted(settings.items(), key=lambda kv: kv[0])))
+        cached = getattr(self, "_config_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        config = TrainConfig(model=self._model, module=self.module, optimizer=self._adapter, objective=objective,
+                             **settings)
+        self._config_cache = (key, config)
+        return config
+
     def _check_ready(self) -> None:
         if self._train_loader is None:
             raise RuntimeError("no training data: call set_train_loader(dataset, batch_size=...) before train()")
@@ -631,11 +646,7 @@ class NNHandler:
         if seed is not None and self._resume is None:
             self.seed = seed
         state = self._ensure_state(ema=ema_decay > 0, scaler=use_scaler)
-        config = TrainConfig(
-            model=self._model,
-            module=self.module,
-            optimizer=self._adapter,
-            objective=self._objective(),
+        config = self._train_config(
             accumulation_steps=gradient_accumulation_steps,
             clip_norm=gradient_clipping_norm,
             amp_dtype=amp_dtype,
@@ -666,7 +677,7 @@ class NNHandler:
                 if show:
                     epoch_bar.update(1)
                     epoch_bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
-                                           if k in ("loss", "val_loss") and not math.isnan(v)})
+                                           if k in ("loss", "val_loss") and not math.isnan(v)}, refresh=False)
                 if self._dist.any_true(self.stop_training, self._device):
                     self.stop_training = True
                     self._log(f"training stopped by a callback after epoch {epoch}")
