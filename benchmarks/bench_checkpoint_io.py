@@ -15,7 +15,7 @@ Each file overwrites the previous one of its method, as repeated checkpointing d
 per-method medians and the median of per-round ratios to ``torch.save`` (this machine is
 shared and noisy: trust ratios more than absolute times).
 
-    python benchmarks/bench_checkpoint_io.py [--params 100000000] [--rounds 9] [--dir DIR]
+    python benchmarks/bench_checkpoint_io.py [--params 100000000] [--rounds 15] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def report(times: dict[str, dict[str, list[float]]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=100_000_000)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dir", type=Path, default=None, help="folder for the files")
     args = parser.parse_args()
     torch.set_num_threads(1)

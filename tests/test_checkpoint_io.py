@@ -8,6 +8,7 @@ key mapping across DDP/compile wrappers, import paths and opt-in source rebuildi
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import os
 import pickle
 import random
@@ -107,6 +108,8 @@ def test_round_trip_nested_payload_loads_with_weights_only(tmp_path: Path) -> No
     assert loaded["history"] == payload["history"] and loaded["dtype"] is torch.bfloat16
     assert torch.equal(loaded["ema"]["b", "c"], torch.ones(2, 2))
     assert list_temp_files(path.parent) == []
+    mapped = load_checkpoint(path, mmap=True)["model_state_dict"]
+    assert all(torch.equal(mapped[k], v) for k, v in payload["model_state_dict"].items())
 
 
 def test_save_checkpoint_refuses_reserved_keys(tmp_path: Path) -> None:
@@ -738,3 +741,26 @@ def test_class_mode_capture_for_local_class() -> None:
     assert "from torch import nn" in record["imports"]
     rebuilt = rebuild_class_from_source(record, trust_code=True)
     assert set(rebuilt().state_dict()) == {"fc.weight", "fc.bias"}
+
+
+def test_rebuilt_module_keeps_relative_imports_into_its_package(tmp_path: Path, monkeypatch) -> None:
+    package = f"nnh_tmp_pkg_{uuid.uuid4().hex[:8]}"
+    root = tmp_path / package
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "layers.py").write_text("from torch import nn\n\n\ndef block():\n    return nn.Linear(2, 2)\n")
+    (root / "models.py").write_text(
+        "from torch import nn\n\nfrom .layers import block\n\n\n"
+        "class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.block = block()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    record = capture_model_source(importlib.import_module(f"{package}.models").Net)
+    del sys.modules[f"{package}.models"]
+    delattr(sys.modules[package], "models")
+    (root / "models.py").unlink()
+    importlib.invalidate_caches()
+    with pytest.raises(ImportPathError):
+        resolve_import_path(f"{package}.models.Net")
+    rebuilt = rebuild_class_from_source(record, trust_code=True)
+    assert set(rebuilt().state_dict()) == {"block.weight", "block.bias"}

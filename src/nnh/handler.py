@@ -9,6 +9,7 @@ training arithmetic of its own.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import logging
 import math
@@ -46,6 +47,13 @@ from nnh.persistence import capture_rng, restore_rng
 from nnh.training import run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
+
+# While NNHandler.load builds a handler, the names of the tensors the checkpoint will supply:
+# a model whose parameters and buffers are all among them is built on the meta device and
+# receives the loaded tensors directly (no random initialisation, no copy).
+_CHECKPOINT_TENSORS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
+    "nnh_checkpoint_tensors", default=None
+)
 
 
 def _check_model_kwargs(model_class: type, model_kwargs: dict[str, Any]) -> None:
@@ -367,14 +375,26 @@ class NNHandler:
         _check_model_kwargs(model_class, model_kwargs)
         if model_type is not None:
             self._model_type = ModelType.from_string(model_type)
-        module = model_class(**model_kwargs).to(self._device)
+        module = self._build_module(model_class, model_kwargs)
         self._model_class, self._model_kwargs = model_class, dict(model_kwargs)
         self._save_model_code = bool(save_model_code)
         self._install_module(module)
 
+    def _build_module(self, model_class: type[nn.Module], model_kwargs: dict[str, Any]) -> nn.Module:
+        supplied = _CHECKPOINT_TENSORS.get()
+        if supplied is not None:
+            with torch.device("meta"):
+                module = model_class(**model_kwargs)
+            names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+            if names <= supplied:  # every tensor comes from the checkpoint: no init needed
+                module._nnh_meta_init = True  # type: ignore[attr-defined]
+                return module
+        return model_class(**model_kwargs).to(self._device)
+
     def _install_module(self, module: nn.Module) -> None:
         self._module = module
-        self._model = self._wrap(module)
+        # a meta-built module is wrapped once NNHandler.load has assigned its weights
+        self._model = module if getattr(module, "_nnh_meta_init", False) else self._wrap(module)
         self._compile_kwargs = None
         self._state = None
         self._keep_eval = []
@@ -900,16 +920,22 @@ class NNHandler:
         only with ``trust_model_code=True`` (when the class can no longer be imported).
         In DDP every rank loads onto its own device.
         """
-        from nnh.checkpoint import load_checkpoint
+        from nnh.checkpoint import load_checkpoint, strip_wrapper_prefixes
         from nnh.persistence import apply_payload, resolve_model_class
 
         target = torch.device(device) if device is not None else None
         payload = load_checkpoint(path, map_location="cpu")
         model = payload["model"]
         model_class = resolve_model_class(model, str(path), trust_model_code)
-        handler = cls(model_class, device=target if target is not None else "cpu",
-                      model_type=model["type"], save_model_code=model.get("source") is not None,
-                      **model["kwargs"])
+        weights = strip_wrapper_prefixes(payload["model_state_dict"])
+        payload["model_state_dict"] = weights
+        token = _CHECKPOINT_TENSORS.set(frozenset(weights))
+        try:
+            handler = cls(model_class, device=target if target is not None else "cpu",
+                          model_type=model["type"], save_model_code=model.get("source") is not None,
+                          **model["kwargs"])
+        finally:
+            _CHECKPOINT_TENSORS.reset(token)
         apply_payload(handler, payload, str(path), strict_load=strict_load, skip_optimizer=skip_optimizer,
                       skip_scheduler=skip_scheduler, skip_history=skip_history, skip_callbacks=skip_callbacks,
                       skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema)

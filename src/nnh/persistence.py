@@ -303,7 +303,18 @@ def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, str
     h = handler
     model = payload["model"]
     module = h.module
-    load_model_state(module, strip_wrapper_prefixes(payload["model_state_dict"]), strict=strict_load, source=path)
+    weights = strip_wrapper_prefixes(payload["model_state_dict"])
+    if getattr(module, "_nnh_meta_init", False):
+        # built on the meta device because the checkpoint supplies every tensor: take them as they are
+        try:
+            module.load_state_dict(weights, strict=strict_load, assign=True)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: the model weights do not fit {type(module).__name__}: {err}") from err
+        del module._nnh_meta_init
+        module.to(h.device)
+        h._model = h._wrap(module)
+    else:
+        load_model_state(module, weights, strict=strict_load, source=path)
     params = dict(module.named_parameters())
     for name in model.get("frozen", []):
         if name in params:

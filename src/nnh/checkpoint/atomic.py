@@ -1,10 +1,12 @@
 """Atomic, durable file writes.
 
-Every write goes to a temporary file in the destination folder, is flushed and fsynced,
-then renamed onto the final name with :func:`os.replace` (atomic on POSIX and Windows),
+Every write goes to a freshly created (``O_EXCL``) temporary file in the destination folder,
+is fsynced, then renamed onto the final name with :func:`os.replace` (atomic on POSIX and Windows),
 and finally the folder itself is fsynced so that the rename survives a power cut. A reader
 therefore sees either the previous complete file or the new complete file under the final
 name, never a partial one, even if the writer is killed with ``kill -9`` at any moment.
+``durable=False`` skips the two fsyncs: still atomic against a killed process, not against
+a power cut.
 
 Temporary files are named ``.{final name}.tmp-{host}-{pid}-{token}``. A writer that is
 killed mid-write leaves its temporary file behind (the final name is untouched);
@@ -116,7 +118,7 @@ def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: b
     return final
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -142,7 +144,7 @@ def atomic_save(obj: Any, path: PathLike, *, durable: bool = True) -> Path:
     """
     # torch.save by file name (its C++ writer), not through a Python file object: measured
     # steadier on ext4, where closing the written file also starts its write-back early.
-    torch.save(obj, os.fspath(path)); return Path(path)
+    return _atomic_write(path, lambda tmp, _fd: torch.save(obj, os.fspath(tmp)), durable)
 
 
 def atomic_write_bytes(data: bytes, path: PathLike, *, durable: bool = True) -> Path:
@@ -154,7 +156,7 @@ def atomic_write_bytes(data: bytes, path: PathLike, *, durable: bool = True) -> 
         >>> p.read_bytes()
         b'abc'
     """
-    return _atomic_write(path, lambda _tmp, fd: _write_all(fd, bytes(data)), durable)
+    return _atomic_write(path, lambda _tmp, fd: _write_all(fd, data), durable)
 
 
 def atomic_write_text(

@@ -165,6 +165,9 @@ def _fresh_module(record: Mapping[str, Any]) -> tuple[types.ModuleType, str]:
     filename = f"<nnh-restored {record['module']} {record['sha256'][:12]}>"
     module = types.ModuleType(name)
     module.__file__ = filename
+    # Relative imports ("from .layers import Block") resolve against the original package
+    # when that package is still importable.
+    module.__package__ = record["module"].rpartition(".")[0]
     source = record["source"]
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     return module, filename
