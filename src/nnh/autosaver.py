@@ -17,7 +17,9 @@ def _format_fields(template: str) -> set[str]:
         if field is None:
             continue
         if field == "" or field.isdigit():
-            raise ValueError(f"auto_save name {template!r} has a positional field; use named fields such as {{epoch}}")
+            raise ValueError(
+                f"auto_save name {template!r} has a positional field; use named fields such as {{epoch}}"
+            )
         fields.add(field.split(".")[0].split("[")[0])
     return fields
 
@@ -50,9 +52,15 @@ class AutoSaver:
 
     def __attrs_post_init__(self) -> None:
         if self.interval is not None and (not isinstance(self.interval, int) or self.interval < -1):
-            raise ValueError(f"auto_save interval must be an int >= -1 or None, got {self.interval!r}")
-        if self.every_n_steps is not None and (not isinstance(self.every_n_steps, int) or self.every_n_steps < 1):
-            raise ValueError(f"every_n_steps must be an int >= 1 or None, got {self.every_n_steps!r}")
+            raise ValueError(
+                f"auto_save interval must be an int >= -1 or None, got {self.interval!r}"
+            )
+        if self.every_n_steps is not None and (
+            not isinstance(self.every_n_steps, int) or self.every_n_steps < 1
+        ):
+            raise ValueError(
+                f"every_n_steps must be an int >= 1 or None, got {self.every_n_steps!r}"
+            )
         if not isinstance(self.name, str) or not self.name:
             raise ValueError("auto_save name must be a non-empty format string")
 
@@ -83,7 +91,9 @@ class AutoSaver:
         try:
             name = self.name.format(**values)
         except (KeyError, ValueError) as err:
-            raise ValueError(f"cannot fill auto_save name {self.name!r} from {sorted(values)}: {err}") from err
+            raise ValueError(
+                f"cannot fill auto_save name {self.name!r} from {sorted(values)}: {err}"
+            ) from err
         if not name.endswith(".pth"):
             name += ".pth"
         return Path(self.save_path) / name

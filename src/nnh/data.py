@@ -17,8 +17,17 @@ from torch.utils.data.dataloader import default_collate
 
 __all__ = ["BatchIndexedDataset", "build_loader", "fast_loader", "move_to_device"]
 
-_PASSTHROUGH = ("num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
-                "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
+_PASSTHROUGH = (
+    "num_workers",
+    "pin_memory",
+    "timeout",
+    "worker_init_fn",
+    "multiprocessing_context",
+    "prefetch_factor",
+    "persistent_workers",
+    "pin_memory_device",
+    "in_order",
+)
 
 
 class BatchIndexedDataset(Dataset):
@@ -87,7 +96,9 @@ def fast_loader(loader: DataLoader) -> DataLoader:
         return loader
     extra = {k: getattr(loader, k) for k in _PASSTHROUGH if hasattr(loader, k)}
     if not extra.get("num_workers"):
-        extra = {k: v for k, v in extra.items() if k not in ("prefetch_factor", "persistent_workers")}
+        extra = {
+            k: v for k, v in extra.items() if k not in ("prefetch_factor", "persistent_workers")
+        }
     if extra.get("pin_memory_device") == "":
         extra.pop("pin_memory_device")
     fast = DataLoader(
@@ -106,7 +117,9 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-def build_loader(dataset: Dataset | DataLoader, *, sampler: Any = None, **loader_kwargs: Any) -> DataLoader:
+def build_loader(
+    dataset: Dataset | DataLoader, *, sampler: Any = None, **loader_kwargs: Any
+) -> DataLoader:
     """A DataLoader for ``dataset`` with ``loader_kwargs``; a ready DataLoader passes through.
 
     ``sampler`` (e.g. a DistributedSampler) replaces ``shuffle``.
@@ -130,7 +143,9 @@ def build_loader(dataset: Dataset | DataLoader, *, sampler: Any = None, **loader
     try:
         return DataLoader(dataset, **loader_kwargs)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"cannot build a DataLoader with options {sorted(loader_kwargs)}: {err}") from err
+        raise type(err)(
+            f"cannot build a DataLoader with options {sorted(loader_kwargs)}: {err}"
+        ) from err
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:

@@ -56,9 +56,17 @@ def sharded_eval_loader(loader: DataLoader, dist: DistContext) -> DataLoader:
     """``loader`` itself when already sharded, else the same data sharded without shuffling."""
     if isinstance(loader.sampler, DistributedSampler) or not dist.enabled:
         return loader
-    sampler = DistributedSampler(loader.dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=False)
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler,
-                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+    sampler = DistributedSampler(
+        loader.dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=False
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
 
 
 def _concat(outputs: list[Any]) -> Any:
@@ -69,7 +77,9 @@ def _concat(outputs: list[Any]) -> Any:
         return type(first)(_concat([o[i] for o in outputs]) for i in range(len(first)))
     if isinstance(first, dict):
         return {k: _concat([o[k] for o in outputs]) for k in first}
-    raise TypeError(f"predict can gather tensors (or tuples/dicts of them) across ranks, got {type(first).__name__}")
+    raise TypeError(
+        f"predict can gather tensors (or tuples/dicts of them) across ranks, got {type(first).__name__}"
+    )
 
 
 def _take(tree: Any, index: torch.Tensor) -> Any:
@@ -80,7 +90,9 @@ def _take(tree: Any, index: torch.Tensor) -> Any:
     return {k: _take(v, index) for k, v in tree.items()}
 
 
-def gather_predictions(dist: DistContext, outputs: list[Any], loader: DataLoader) -> list[Any] | None:
+def gather_predictions(
+    dist: DistContext, outputs: list[Any], loader: DataLoader
+) -> list[Any] | None:
     """Every sample's output once, in dataset order, re-batched like ``loader`` (rank 0).
 
     ``outputs`` are this rank's batch outputs for ``loader`` (a DistributedSampler shard

@@ -100,8 +100,15 @@ class DistContext:
         (True, 1, False)
     """
 
-    def __init__(self, rank: int = 0, local_rank: int = 0, world_size: int = 1, enabled: bool = False):
-        self.rank, self.local_rank, self.world_size, self.enabled = rank, local_rank, world_size, enabled
+    def __init__(
+        self, rank: int = 0, local_rank: int = 0, world_size: int = 1, enabled: bool = False
+    ):
+        self.rank, self.local_rank, self.world_size, self.enabled = (
+            rank,
+            local_rank,
+            world_size,
+            enabled,
+        )
 
     @classmethod
     def single(cls) -> DistContext:

@@ -104,9 +104,13 @@ class NNHandler:
     ):
         _check_model_kwargs(model_class, model_kwargs)
         self._dist, self._device = setup_distributed(use_distributed, device)
-        self._logger = make_logger(logger_mode, logger_filename, logger_level, is_main=self._dist.is_main)
+        self._logger = make_logger(
+            logger_mode, logger_filename, logger_level, is_main=self._dist.is_main
+        )
         self._logger_config = {
-            "mode": None if logger_mode is None else LoggingMode(getattr(logger_mode, "value", logger_mode)).value,
+            "mode": None
+            if logger_mode is None
+            else LoggingMode(getattr(logger_mode, "value", logger_mode)).value,
             "filename": logger_filename,
             "level": logger_level,
         }
@@ -142,9 +146,13 @@ class NNHandler:
         self._epoch_start_rng: dict[str, Any] | None = None
         self._target_epoch = 0
         self.stop_training = False
-        self.set_model(model_class, save_model_code=save_model_code, model_type=None, **model_kwargs)
-        self._log(f"NNHandler ready: {model_class.__name__} on {self._device} "
-                  f"({'DDP world of ' + str(self._dist.world_size) if self._dist.enabled else 'single process'})")
+        self.set_model(
+            model_class, save_model_code=save_model_code, model_type=None, **model_kwargs
+        )
+        self._log(
+            f"NNHandler ready: {model_class.__name__} on {self._device} "
+            f"({'DDP world of ' + str(self._dist.world_size) if self._dist.enabled else 'single process'})"
+        )
 
     # ------------------------------------------------------------------ logging helpers
     def _log(self, message: str, level: int = logging.INFO) -> None:
@@ -320,11 +328,24 @@ class NNHandler:
     @sde.setter
     def sde(self, value: Any) -> None:
         if value is not None:
-            missing = [m for m in ("sigma", "mu", "drift", "diffusion", "prior", "prior_log_prob", "marginal_prob")
-                       if not callable(getattr(value, m, None))]
+            missing = [
+                m
+                for m in (
+                    "sigma",
+                    "mu",
+                    "drift",
+                    "diffusion",
+                    "prior",
+                    "prior_log_prob",
+                    "marginal_prob",
+                )
+                if not callable(getattr(value, m, None))
+            ]
             if missing or not hasattr(value, "T") or not hasattr(value, "epsilon"):
-                raise TypeError(f"{type(value).__name__} is not an SDE: it lacks {missing or ['T', 'epsilon']}; "
-                                "use nnh.generative.VESDE/VPSDE/SubVPSDE or a subclass of nnh.generative.SDE")
+                raise TypeError(
+                    f"{type(value).__name__} is not an SDE: it lacks {missing or ['T', 'epsilon']}; "
+                    "use nnh.generative.VESDE/VPSDE/SubVPSDE or a subclass of nnh.generative.SDE"
+                )
         self._sde = value
 
     @property
@@ -335,7 +356,9 @@ class NNHandler:
     def sampler(self, value: Any) -> None:
         if value is not None:
             if not callable(getattr(value, "sample", None)):
-                raise TypeError(f"{type(value).__name__} is not a sampler: it has no sample(N, device) method")
+                raise TypeError(
+                    f"{type(value).__name__} is not a sampler: it has no sample(N, device) method"
+                )
             if hasattr(value, "set_handler"):
                 value.set_handler(self)
         self._sampler = value
@@ -380,12 +403,16 @@ class NNHandler:
         self._save_model_code = bool(save_model_code)
         self._install_module(module)
 
-    def _build_module(self, model_class: type[nn.Module], model_kwargs: dict[str, Any]) -> nn.Module:
+    def _build_module(
+        self, model_class: type[nn.Module], model_kwargs: dict[str, Any]
+    ) -> nn.Module:
         supplied = _CHECKPOINT_TENSORS.get()
         if supplied is not None:
             with torch.device("meta"):
                 module = model_class(**model_kwargs)
-            names = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+            names = {n for n, _ in module.named_parameters()} | {
+                n for n, _ in module.named_buffers()
+            }
             if names <= supplied:  # every tensor comes from the checkpoint: no init needed
                 module._nnh_meta_init = True  # type: ignore[attr-defined]
                 return module
@@ -413,7 +440,9 @@ class NNHandler:
         device_ids = [self._device.index] if self._device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
-    def set_optimizer(self, optimizer_class: type[torch.optim.Optimizer], **optimizer_kwargs: Any) -> None:
+    def set_optimizer(
+        self, optimizer_class: type[torch.optim.Optimizer], **optimizer_kwargs: Any
+    ) -> None:
         """Use ``optimizer_class(model.parameters(), **optimizer_kwargs)``.
 
         Any ``torch.optim.Optimizer`` subclass works (not LBFGS, which needs a closure);
@@ -447,7 +476,9 @@ class NNHandler:
             ) from err
         self._scheduler_spec = (scheduler_class, dict(scheduler_kwargs))
 
-    def set_loss_fn(self, loss_fn: Callable[..., torch.Tensor], pass_epoch_to_loss: bool = False, **kwargs: Any) -> None:
+    def set_loss_fn(
+        self, loss_fn: Callable[..., torch.Tensor], pass_epoch_to_loss: bool = False, **kwargs: Any
+    ) -> None:
         """``loss_fn(output, target, **kwargs)`` (and ``epoch=`` when asked and accepted)."""
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -455,11 +486,17 @@ class NNHandler:
         self._pass_epoch_to_loss = bool(pass_epoch_to_loss)
         self._loss_fn_kwargs = dict(kwargs)
 
-    def _make_loader(self, which: str, dataset: Dataset | DataLoader, loader_kwargs: dict[str, Any]) -> DataLoader:
+    def _make_loader(
+        self, which: str, dataset: Dataset | DataLoader, loader_kwargs: dict[str, Any]
+    ) -> DataLoader:
         kwargs = dict(loader_kwargs)
         sampler = kwargs.pop("sampler", None)
-        if sampler is None and self._dist.enabled and not isinstance(dataset, DataLoader) \
-                and "batch_sampler" not in kwargs:
+        if (
+            sampler is None
+            and self._dist.enabled
+            and not isinstance(dataset, DataLoader)
+            and "batch_sampler" not in kwargs
+        ):
             sampler = DistributedSampler(
                 dataset,
                 num_replicas=self._dist.world_size,
@@ -517,8 +554,13 @@ class NNHandler:
         epoch's logged values. ``overwrite`` deletes the previous file once the new one is
         safely written. ``every_n_steps`` also writes a mid-epoch resume checkpoint.
         """
-        saver = AutoSaver(interval=interval, save_path=str(save_path), name=name, overwrite=overwrite,
-                          every_n_steps=every_n_steps)
+        saver = AutoSaver(
+            interval=interval,
+            save_path=str(save_path),
+            name=name,
+            overwrite=overwrite,
+            every_n_steps=every_n_steps,
+        )
         saver.check_name(self._log_keys())
         self._auto_saver = saver
 
@@ -534,10 +576,14 @@ class NNHandler:
             from nnh.generative.objective import ScoreMatching, UserScoreLoss
 
             if self._loss_fn is not None:
-                return UserScoreLoss(self._loss_fn, self._sde, self._loss_fn_kwargs, self._pass_epoch_to_loss)
+                return UserScoreLoss(
+                    self._loss_fn, self._sde, self._loss_fn_kwargs, self._pass_epoch_to_loss
+                )
             if self._sde is None:
-                raise RuntimeError("a SCORE_BASED model trains against an SDE: call set_sde(VPSDE, ...) "
-                                   "before train(), or set_loss_fn(your_loss)")
+                raise RuntimeError(
+                    "a SCORE_BASED model trains against an SDE: call set_sde(VPSDE, ...) "
+                    "before train(), or set_loss_fn(your_loss)"
+                )
             return ScoreMatching(self._sde)
         if self._loss_fn is None:
             raise RuntimeError("no loss function: call set_loss_fn(loss_fn) before train()")
@@ -554,7 +600,12 @@ class NNHandler:
         if isinstance(use_amp, torch.dtype):
             return use_amp
         if isinstance(use_amp, str):
-            table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+            table = {
+                "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16,
+                "fp16": torch.float16,
+                "float16": torch.float16,
+            }
             if use_amp.lower() not in table:
                 raise ValueError(f"use_amp={use_amp!r}: use True, False, 'bf16' or 'fp16'")
             return table[use_amp.lower()]
@@ -562,28 +613,40 @@ class NNHandler:
 
     def _ensure_state(self, ema: bool, scaler: bool) -> TrainState:
         if self._adapter is None:
-            raise RuntimeError("no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()")
+            raise RuntimeError(
+                "no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()"
+            )
         state = self._state
         if state is not None:
             live = [id(p) for p in self.module.parameters()]
             if live != [id(p) for p in state.params.values()]:
-                self._warn("the model's parameters were replaced since the last training; "
-                           "rebuilding the optimizer and training state")
+                self._warn(
+                    "the model's parameters were replaced since the last training; "
+                    "rebuilding the optimizer and training state"
+                )
                 cls, kwargs = self._optimizer_spec  # type: ignore[misc]
                 self._adapter = OptimizerAdapter.create(cls, self.module, **kwargs)
                 state = None
         if state is None:
-            state = init_train_state(self.module, self._adapter, ema=ema,
-                                     loss_scaler=self._loss_scaler_config if scaler else None)
+            state = init_train_state(
+                self.module,
+                self._adapter,
+                ema=ema,
+                loss_scaler=self._loss_scaler_config if scaler else None,
+            )
         if ema and state.ema is None:
-            state = attrs.evolve(state, ema=flat_td({k: v.detach().clone() for k, v in state.params.items()}))
+            state = attrs.evolve(
+                state, ema=flat_td({k: v.detach().clone() for k, v in state.params.items()})
+            )
         elif not ema and state.ema is not None:
             self._log("ema_decay=0: EMA weights dropped for this run")
             state = attrs.evolve(state, ema=None)
         if scaler and state.scaler is None:
             from nnh.core import init_scaler_state
 
-            state = attrs.evolve(state, scaler=init_scaler_state(self._loss_scaler_config, self._device))
+            state = attrs.evolve(
+                state, scaler=init_scaler_state(self._loss_scaler_config, self._device)
+            )
         elif not scaler and state.scaler is not None:
             state = attrs.evolve(state, scaler=None)
         self._state = state
@@ -593,22 +656,40 @@ class NNHandler:
         """The core's static configuration; reused while nothing it depends on changed, so
         repeated ``train()`` calls do not rebuild the module binding."""
         objective = self._objective()
-        key = (id(self._model), id(self.module), id(self._adapter), type(objective),
-               id(getattr(objective, "loss_fn", None)), id(self._loss_fn_kwargs), self._pass_epoch_to_loss,
-               id(self._sde), self._model_type, tuple(sorted(settings.items(), key=lambda kv: kv[0])))
+        key = (
+            id(self._model),
+            id(self.module),
+            id(self._adapter),
+            type(objective),
+            id(getattr(objective, "loss_fn", None)),
+            id(self._loss_fn_kwargs),
+            self._pass_epoch_to_loss,
+            id(self._sde),
+            self._model_type,
+            tuple(sorted(settings.items(), key=lambda kv: kv[0])),
+        )
         cached = getattr(self, "_config_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        config = TrainConfig(model=self._model, module=self.module, optimizer=self._adapter, objective=objective,
-                             **settings)
+        config = TrainConfig(
+            model=self._model,
+            module=self.module,
+            optimizer=self._adapter,
+            objective=objective,
+            **settings,
+        )
         self._config_cache = (key, config)
         return config
 
     def _check_ready(self) -> None:
         if self._train_loader is None:
-            raise RuntimeError("no training data: call set_train_loader(dataset, batch_size=...) before train()")
+            raise RuntimeError(
+                "no training data: call set_train_loader(dataset, batch_size=...) before train()"
+            )
         if self._adapter is None:
-            raise RuntimeError("no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()")
+            raise RuntimeError(
+                "no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()"
+            )
         self._objective()
 
     def _train_mode(self) -> None:
@@ -652,14 +733,20 @@ class NNHandler:
         if not isinstance(validate_every, int) or validate_every < 1:
             raise ValueError(f"validate_every must be an int >= 1, got {validate_every!r}")
         if debug_print_interval is not None and debug_print_interval < 1:
-            raise ValueError(f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}")
+            raise ValueError(
+                f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}"
+            )
         self._check_ready()
         self._last_train_kwargs = {
-            "validate_every": validate_every, "gradient_accumulation_steps": gradient_accumulation_steps,
+            "validate_every": validate_every,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
             "use_amp": use_amp if isinstance(use_amp, (bool, str)) else str(use_amp).split(".")[-1],
-            "gradient_clipping_norm": gradient_clipping_norm, "ema_decay": float(ema_decay),
-            "progress_bar": progress_bar, "debug_print_interval": debug_print_interval,
-            "save_on_last_epoch": save_on_last_epoch, "epoch_train_and_val_pbar": epoch_train_and_val_pbar,
+            "gradient_clipping_norm": gradient_clipping_norm,
+            "ema_decay": float(ema_decay),
+            "progress_bar": progress_bar,
+            "debug_print_interval": debug_print_interval,
+            "save_on_last_epoch": save_on_last_epoch,
+            "epoch_train_and_val_pbar": epoch_train_and_val_pbar,
         }
         amp_dtype = self._amp_dtype(use_amp)
         use_scaler = amp_dtype is torch.float16
@@ -679,25 +766,40 @@ class NNHandler:
         show = progress_bar and self._dist.is_main
         start_epoch = state.epoch
         self._target_epoch = start_epoch + epochs
-        self._log(f"training epochs {start_epoch + 1}..{start_epoch + epochs} "
-                  f"(accumulation {gradient_accumulation_steps}, amp {amp_dtype}, clip {gradient_clipping_norm}, "
-                  f"ema {ema_decay})")
+        self._log(
+            f"training epochs {start_epoch + 1}..{start_epoch + epochs} "
+            f"(accumulation {gradient_accumulation_steps}, amp {amp_dtype}, clip {gradient_clipping_norm}, "
+            f"ema {ema_decay})"
+        )
         callbacks.call("on_train_begin", {"epochs": epochs, "start_epoch": start_epoch})
-        epoch_bar = tqdm(total=epochs, desc="Epochs", unit="epoch", disable=not show, dynamic_ncols=True)
+        epoch_bar = tqdm(
+            total=epochs, desc="Epochs", unit="epoch", disable=not show, dynamic_ncols=True
+        )
         logs: dict[str, Any] = {}
         try:
             for i in range(epochs):
                 epoch = start_epoch + i + 1
-                logs = self._run_epoch(state_config=config, epoch=epoch, callbacks=callbacks,
-                                       validate=(epoch % validate_every == 0),
-                                       epoch_bar=epoch_bar if show else None,
-                                       batch_bars=show and epoch_train_and_val_pbar,
-                                       debug_print_interval=debug_print_interval,
-                                       last=(i == epochs - 1), save_on_last_epoch=save_on_last_epoch)
+                logs = self._run_epoch(
+                    state_config=config,
+                    epoch=epoch,
+                    callbacks=callbacks,
+                    validate=(epoch % validate_every == 0),
+                    epoch_bar=epoch_bar if show else None,
+                    batch_bars=show and epoch_train_and_val_pbar,
+                    debug_print_interval=debug_print_interval,
+                    last=(i == epochs - 1),
+                    save_on_last_epoch=save_on_last_epoch,
+                )
                 if show:
                     epoch_bar.update(1)
-                    epoch_bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()
-                                           if k in ("loss", "val_loss") and not math.isnan(v)}, refresh=False)
+                    epoch_bar.set_postfix(
+                        {
+                            k: f"{v:.4g}"
+                            for k, v in logs.items()
+                            if k in ("loss", "val_loss") and not math.isnan(v)
+                        },
+                        refresh=False,
+                    )
                 if self._dist.any_true(self.stop_training, self._device):
                     self.stop_training = True
                     self._log(f"training stopped by a callback after epoch {epoch}")
@@ -713,9 +815,19 @@ class NNHandler:
             epoch_bar.close()
         callbacks.call("on_train_end", logs)
 
-    def _run_epoch(self, *, state_config: TrainConfig, epoch: int, callbacks: CallbackList, validate: bool,
-                   epoch_bar: Any, batch_bars: bool, debug_print_interval: int | None, last: bool,
-                   save_on_last_epoch: bool) -> dict[str, Any]:
+    def _run_epoch(
+        self,
+        *,
+        state_config: TrainConfig,
+        epoch: int,
+        callbacks: CallbackList,
+        validate: bool,
+        epoch_bar: Any,
+        batch_bars: bool,
+        debug_print_interval: int | None,
+        last: bool,
+        save_on_last_epoch: bool,
+    ) -> dict[str, Any]:
         assert self._state is not None and self._train_loader is not None
         config = state_config
         sampler = getattr(self._train_loader, "sampler", None)
@@ -732,17 +844,32 @@ class NNHandler:
             callbacks.call("on_epoch_begin", epoch, {})
         self._train_mode()
         loader = fast_loader(self._train_loader)
-        bar = tqdm(total=len(loader), desc=f"Epoch {epoch} train", leave=False, dynamic_ncols=True) \
-            if batch_bars else None
-        uneven = self._dist.enabled and isinstance(self._model, nn.parallel.DistributedDataParallel) \
+        bar = (
+            tqdm(total=len(loader), desc=f"Epoch {epoch} train", leave=False, dynamic_ncols=True)
+            if batch_bars
+            else None
+        )
+        uneven = (
+            self._dist.enabled
+            and isinstance(self._model, nn.parallel.DistributedDataParallel)
             and not isinstance(getattr(self._train_loader, "sampler", None), DistributedSampler)
+        )
         join = self._model.join() if uneven else contextlib.nullcontext()
         try:
             with join:
                 result = run_train_epoch(
-                    self._state, config, loader, device=self._device, metrics=self._metrics, callbacks=callbacks,
-                    progress=bar, status=bar if bar is not None else epoch_bar, debug_print_interval=debug_print_interval, log=self._log,
-                    epoch_label=f"epoch {epoch}", on_step=self._step_hook(epoch),
+                    self._state,
+                    config,
+                    loader,
+                    device=self._device,
+                    metrics=self._metrics,
+                    callbacks=callbacks,
+                    progress=bar,
+                    status=bar if bar is not None else epoch_bar,
+                    debug_print_interval=debug_print_interval,
+                    log=self._log,
+                    epoch_label=f"epoch {epoch}",
+                    on_step=self._step_hook(epoch),
                     skip_batches=resume["batch_offset"] if resume else 0,
                     after_skip=(lambda: restore_rng(resume["step_rng"])) if resume else None,
                     initial_sums=resume["sums"] if resume else None,
@@ -782,22 +909,37 @@ class NNHandler:
         if optimizer is not None:
             logs["lr"] = float(optimizer.param_groups[0]["lr"])  # the rate this epoch trained with
         self._step_scheduler(train_loss, val_loss)
-        self._log(f"epoch {epoch}: " + ", ".join(f"{k}={v:.6g}" for k, v in logs.items() if k != "epoch"))
+        self._log(
+            f"epoch {epoch}: " + ", ".join(f"{k}={v:.6g}" for k, v in logs.items() if k != "epoch")
+        )
         callbacks.call("on_epoch_end", epoch, logs)
         self._auto_saver_epoch(epoch, logs, last and save_on_last_epoch)
         return logs
 
-    def _validate(self, config: TrainConfig, callbacks: CallbackList, batch_bars: bool, epoch: int) -> Any:
+    def _validate(
+        self, config: TrainConfig, callbacks: CallbackList, batch_bars: bool, epoch: int
+    ) -> Any:
         assert self._val_loader is not None and self._state is not None
         loader = fast_loader(self._val_loader)
-        bar = tqdm(total=len(loader), desc=f"Epoch {epoch} val", leave=False, dynamic_ncols=True) \
-            if batch_bars else None
+        bar = (
+            tqdm(total=len(loader), desc=f"Epoch {epoch} val", leave=False, dynamic_ncols=True)
+            if batch_bars
+            else None
+        )
         if self._dist.enabled:
             config = attrs.evolve(config, model=self._inference_model())
         self.module.eval()
         try:
-            return run_val_epoch(self._state, config, loader, device=self._device, metrics=self._metrics,
-                                 callbacks=callbacks, progress=bar, real_samples=real_samples(self._val_loader))
+            return run_val_epoch(
+                self._state,
+                config,
+                loader,
+                device=self._device,
+                metrics=self._metrics,
+                callbacks=callbacks,
+                progress=bar,
+                real_samples=real_samples(self._val_loader),
+            )
         finally:
             if bar is not None:
                 bar.close()
@@ -864,14 +1006,18 @@ class NNHandler:
         """
         self._save_to(path, resume=None, include_datasets=include_datasets)
 
-    def _save_to(self, path: str, *, resume: dict[str, Any] | None, include_datasets: bool = True) -> None:
+    def _save_to(
+        self, path: str, *, resume: dict[str, Any] | None, include_datasets: bool = True
+    ) -> None:
         from nnh.checkpoint import atomic_save
         from nnh.persistence import handler_payload
 
         error: BaseException | None = None
         if self._dist.is_main:
             try:
-                atomic_save(handler_payload(self, include_datasets=include_datasets, resume=resume), path)
+                atomic_save(
+                    handler_payload(self, include_datasets=include_datasets, resume=resume), path
+                )
                 self._log(f"saved {path}")
             except BaseException as err:  # every rank must learn of it
                 error = err
@@ -895,7 +1041,9 @@ class NNHandler:
         that was interrupted (CPU; same data and code).
         """
         if self._resume is None:
-            raise RuntimeError("this handler was not loaded from a mid-epoch (step) checkpoint; call train()")
+            raise RuntimeError(
+                "this handler was not loaded from a mid-epoch (step) checkpoint; call train()"
+            )
         kwargs = dict(self._last_train_kwargs or {})
         kwargs.update(overrides)
         self.train(epochs=self.remaining_epochs, **kwargs)
@@ -931,14 +1079,27 @@ class NNHandler:
         payload["model_state_dict"] = weights
         token = _CHECKPOINT_TENSORS.set(frozenset(weights))
         try:
-            handler = cls(model_class, device=target if target is not None else "cpu",
-                          model_type=model["type"], save_model_code=model.get("source") is not None,
-                          **model["kwargs"])
+            handler = cls(
+                model_class,
+                device=target if target is not None else "cpu",
+                model_type=model["type"],
+                save_model_code=model.get("source") is not None,
+                **model["kwargs"],
+            )
         finally:
             _CHECKPOINT_TENSORS.reset(token)
-        apply_payload(handler, payload, str(path), strict_load=strict_load, skip_optimizer=skip_optimizer,
-                      skip_scheduler=skip_scheduler, skip_history=skip_history, skip_callbacks=skip_callbacks,
-                      skip_sampler_sde=skip_sampler_sde, skip_ema=skip_ema)
+        apply_payload(
+            handler,
+            payload,
+            str(path),
+            strict_load=strict_load,
+            skip_optimizer=skip_optimizer,
+            skip_scheduler=skip_scheduler,
+            skip_history=skip_history,
+            skip_callbacks=skip_callbacks,
+            skip_sampler_sde=skip_sampler_sde,
+            skip_ema=skip_ema,
+        )
         handler._dist.barrier()
         handler._log(f"loaded {path} (epoch {handler._state.epoch if handler._state else 0})")
         return handler
@@ -958,11 +1119,18 @@ class NNHandler:
         from nnh.checkpoint import load_model_state, load_weights_file, strip_wrapper_prefixes
 
         weights = load_weights_file(checkpoint_path, map_location="cpu")
-        handler = cls(model_class, device=device if device is not None else "cpu",
-                      model_type=model_type if model_type is not None else ModelType.CLASSIFICATION,
-                      **model_kwargs)
-        load_model_state(handler.module, strip_wrapper_prefixes(weights), strict=strict_load,
-                         source=str(checkpoint_path))
+        handler = cls(
+            model_class,
+            device=device if device is not None else "cpu",
+            model_type=model_type if model_type is not None else ModelType.CLASSIFICATION,
+            **model_kwargs,
+        )
+        load_model_state(
+            handler.module,
+            strip_wrapper_prefixes(weights),
+            strict=strict_load,
+            source=str(checkpoint_path),
+        )
         handler._dist.barrier()
         return handler
 
@@ -1031,7 +1199,9 @@ class NNHandler:
             return model(**batch)
         return model(batch)
 
-    def predict(self, data_loader: DataLoader | Dataset, apply_ema: bool = True) -> list[Any] | None:
+    def predict(
+        self, data_loader: DataLoader | Dataset, apply_ema: bool = True
+    ) -> list[Any] | None:
         """Model outputs for every batch of ``data_loader`` (eval mode, no gradients).
 
         Batches are ``(input, [target], *extra)`` like in training (a lone tensor is the
@@ -1077,16 +1247,20 @@ class NNHandler:
         try:
             self.sde = sde_class(**sde_kwargs)
         except TypeError as err:
-            raise TypeError(f"{getattr(sde_class, '__name__', sde_class)} cannot be built with "
-                            f"{sorted(sde_kwargs)}: {err}") from err
+            raise TypeError(
+                f"{getattr(sde_class, '__name__', sde_class)} cannot be built with "
+                f"{sorted(sde_kwargs)}: {err}"
+            ) from err
 
     def set_sampler(self, sampler_class: type, **sampler_kwargs: Any) -> None:
         """Use ``sampler_class(**sampler_kwargs)`` (a :class:`nnh.Sampler`) for ``get_samples``."""
         try:
             self.sampler = sampler_class(**sampler_kwargs)
         except TypeError as err:
-            raise TypeError(f"{getattr(sampler_class, '__name__', sampler_class)} cannot be built with "
-                            f"{sorted(sampler_kwargs)}: {err}") from err
+            raise TypeError(
+                f"{getattr(sampler_class, '__name__', sampler_class)} cannot be built with "
+                f"{sorted(sampler_kwargs)}: {err}"
+            ) from err
 
     def get_samples(self, N: int, device: torch.device | str | None = None) -> Any:
         """``N`` samples from the custom sampler (rank 0; ``None`` on other ranks)."""
@@ -1098,7 +1272,9 @@ class NNHandler:
 
     def _require_sde(self, what: str) -> Any:
         if self._sde is None:
-            raise RuntimeError(f"{what} needs an SDE: call set_sde(VPSDE, ...) (or VESDE, SubVPSDE) first")
+            raise RuntimeError(
+                f"{what} needs an SDE: call set_sde(VPSDE, ...) (or VESDE, SubVPSDE) first"
+            )
         return self._sde
 
     def score(self, t: torch.Tensor, x: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -1134,7 +1310,11 @@ class NNHandler:
         sde = self._require_sde("sample")
         if not self._dist.is_main:
             return None
-        extra = list(condition or [])
+        if isinstance(condition, torch.Tensor):
+            condition = [condition]
+        extra = [
+            c.to(self._device) if isinstance(c, torch.Tensor) else c for c in (condition or [])
+        ]
 
         def score_fn(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -1145,9 +1325,17 @@ class NNHandler:
         self.module.eval()
         try:
             with self._ema_weights(apply_ema):
-                return sample_reverse_sde(sde, score_fn, tuple(shape), steps, device=self._device,
-                                          guidance_fn=likelihood_score_fn, guidance_factor=guidance_factor,
-                                          stop_on_nan=stop_on_NaN, progress=progress)
+                return sample_reverse_sde(
+                    sde,
+                    score_fn,
+                    tuple(shape),
+                    steps,
+                    device=self._device,
+                    guidance_fn=likelihood_score_fn,
+                    guidance_factor=guidance_factor,
+                    stop_on_nan=stop_on_NaN,
+                    progress=progress,
+                )
         finally:
             progress.close()
             if was_training:
@@ -1181,17 +1369,34 @@ class NNHandler:
         if not self._dist.is_main:
             return None
         if not isinstance(n_cotangent_vectors, int) or n_cotangent_vectors < 1:
-            raise ValueError(f"n_cotangent_vectors must be an int >= 1, got {n_cotangent_vectors!r}")
+            raise ValueError(
+                f"n_cotangent_vectors must be an int >= 1, got {n_cotangent_vectors!r}"
+            )
         x = x.to(self._device)
         args = tuple(a.to(self._device) if isinstance(a, torch.Tensor) else a for a in args)
-        probes = sample_probes((n_cotangent_vectors, *x.shape), noise_type, device=x.device, dtype=x.dtype)
-        progress = tqdm(total=ode_steps, desc="Log-likelihood", disable=not pbar, dynamic_ncols=True)
+        if noise_type not in ("rademacher", "gaussian"):
+            raise ValueError(f"noise_type={noise_type!r}: use 'rademacher' or 'gaussian'")
+        probes = sample_probes(
+            (n_cotangent_vectors, *x.shape), noise_type, device=x.device, dtype=x.dtype
+        )
+        progress = tqdm(
+            total=ode_steps, desc="Log-likelihood", disable=not pbar, dynamic_ncols=True
+        )
         was_training = self.module.training
         self.module.eval()
         try:
             with self._ema_weights(apply_ema):
-                out = log_likelihood_ode(sde, lambda t, y: self.score(t, y, *args), x, steps=ode_steps,
-                                         probes=probes, method=method, t0=t0, t1=t1, progress=progress)
+                out = log_likelihood_ode(
+                    sde,
+                    lambda t, y: self.score(t, y, *args),
+                    x,
+                    steps=ode_steps,
+                    probes=probes,
+                    method=method,
+                    t0=t0,
+                    t1=t1,
+                    progress=progress,
+                )
             return out.detach()
         finally:
             progress.close()
@@ -1209,7 +1414,9 @@ class NNHandler:
 
     def count_parameters(self, trainable_only: bool = True) -> int:
         """Number of (trainable) parameters of the plain module."""
-        return sum(p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only)
+        return sum(
+            p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only
+        )
 
     def plot_losses(self, log_y_scale: bool = False, save_path: str | None = None) -> Any:
         """Training and validation loss per epoch (rank 0; returns the Figure)."""
@@ -1225,7 +1432,9 @@ class NNHandler:
             return None
         from nnh.plotting import plot_metrics
 
-        return plot_metrics(self._history, log_y_scale=log_y_scale, save_path_prefix=save_path_prefix)
+        return plot_metrics(
+            self._history, log_y_scale=log_y_scale, save_path_prefix=save_path_prefix
+        )
 
     def print(self, show_model_structure: bool = False) -> str:
         """A summary of the handler's configuration and progress."""

@@ -51,8 +51,12 @@ class History:
         """Restore from :meth:`state_dict`."""
         self.train_losses = [float(v) for v in state.get("train_losses", [])]
         self.val_losses = [float(v) for v in state.get("val_losses", [])]
-        self.train_metrics = {k: [float(x) for x in v] for k, v in state.get("train_metrics", {}).items()}
-        self.val_metrics = {k: [float(x) for x in v] for k, v in state.get("val_metrics", {}).items()}
+        self.train_metrics = {
+            k: [float(x) for x in v] for k, v in state.get("train_metrics", {}).items()
+        }
+        self.val_metrics = {
+            k: [float(x) for x in v] for k, v in state.get("val_metrics", {}).items()
+        }
 
     @property
     def has_validation(self) -> bool:

@@ -55,8 +55,16 @@ __all__ = ["capture_rng", "handler_payload", "restore_rng"]
 
 log = logging.getLogger("nnh.checkpoint")
 
-_LOADER_KEYS = ("batch_size", "shuffle", "drop_last", "num_workers", "pin_memory", "timeout",
-                "prefetch_factor", "persistent_workers")
+_LOADER_KEYS = (
+    "batch_size",
+    "shuffle",
+    "drop_last",
+    "num_workers",
+    "pin_memory",
+    "timeout",
+    "prefetch_factor",
+    "persistent_workers",
+)
 # Above this many bytes a TensorDataset is not embedded in checkpoints.
 DATASET_EMBED_LIMIT = 256 * 2**20
 
@@ -69,18 +77,26 @@ def _path_or_none(obj: Any, what: str, warn: bool = True) -> str | None:
     qualname = getattr(obj, "__qualname__", "")
     if getattr(obj, "__module__", None) == "__main__" and "<" not in qualname:
         if warn:
-            warnings.warn(f"{what} is defined in the script being run (__main__.{qualname}): the checkpoint "
-                          "loads from that same script only; move it into an importable module to load it "
-                          "anywhere", stacklevel=4)
+            warnings.warn(
+                f"{what} is defined in the script being run (__main__.{qualname}): the checkpoint "
+                "loads from that same script only; move it into an importable module to load it "
+                "anywhere",
+                stacklevel=4,
+            )
         return f"__main__.{qualname}"
     if warn:
-        warnings.warn(f"{what} cannot be saved by import path ({reason}); after loading, set it again", stacklevel=4)
+        warnings.warn(
+            f"{what} cannot be saved by import path ({reason}); after loading, set it again",
+            stacklevel=4,
+        )
     return None
 
 
 def _plain(value: Any) -> bool:
     """Whether ``value`` is storable under weights_only (recursively)."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size)):
+    if value is None or isinstance(
+        value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size)
+    ):
         return True
     if isinstance(value, (list, tuple)):
         return all(_plain(v) for v in value)
@@ -113,8 +129,13 @@ def capture_rng() -> dict[str, Any]:
         import numpy as np
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        out["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached": float(cached)}
+        out["numpy"] = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype("int64")),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        }
     except ImportError:  # pragma: no cover - numpy ships with matplotlib
         pass
     return out
@@ -131,7 +152,9 @@ def restore_rng(state: dict[str, Any]) -> None:
         import numpy as np
 
         s = state["numpy"]
-        np.random.set_state((s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached"]))
+        np.random.set_state(
+            (s["name"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached"])
+        )
 
 
 def _as_python_state(value: Any) -> tuple:
@@ -139,10 +162,14 @@ def _as_python_state(value: Any) -> tuple:
     return (int(version), tuple(int(v) for v in internal), gauss)
 
 
-def _dataset_record(loader: DataLoader | None, kwargs: dict[str, Any], embed: bool) -> dict[str, Any] | None:
+def _dataset_record(
+    loader: DataLoader | None, kwargs: dict[str, Any], embed: bool
+) -> dict[str, Any] | None:
     if loader is None:
         return None
-    record: dict[str, Any] = {"loader_kwargs": {k: v for k, v in kwargs.items() if k in _LOADER_KEYS and _plain(v)}}
+    record: dict[str, Any] = {
+        "loader_kwargs": {k: v for k, v in kwargs.items() if k in _LOADER_KEYS and _plain(v)}
+    }
     generator = kwargs.get("generator")
     if isinstance(generator, torch.Generator):
         record["generator_state"] = generator.get_state()
@@ -163,8 +190,9 @@ def _dataset_record(loader: DataLoader | None, kwargs: dict[str, Any], embed: bo
 
 
 # ----------------------------------------------------------------------------- save
-def handler_payload(handler: NNHandler, *, include_datasets: bool = True,
-                    resume: dict[str, Any] | None = None) -> dict[str, Any]:
+def handler_payload(
+    handler: NNHandler, *, include_datasets: bool = True, resume: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The complete, weights_only-safe state of ``handler``."""
     h = handler
     module = h.module
@@ -190,8 +218,11 @@ def handler_payload(handler: NNHandler, *, include_datasets: bool = True,
     state = h._state
     if state is not None:
         payload["train_state"] = {
-            "counters": {f.name: getattr(state, f.name) for f in attrs.fields(TrainState)
-                         if f.type in ("int", int)},
+            "counters": {
+                f.name: getattr(state, f.name)
+                for f in attrs.fields(TrainState)
+                if f.type in ("int", int)
+            },
             "ema": None if state.ema is None else dict(state.ema.items()),
             "scaler": None if state.scaler is None else dict(state.scaler.items()),
             "grads": None if state.grads is None else dict(state.grads.items()),
@@ -212,11 +243,15 @@ def handler_payload(handler: NNHandler, *, include_datasets: bool = True,
         }
     if h._loss_fn is not None:
         payload["loss"] = {
-            "fn": _path_or_none(h._loss_fn, f"loss function {getattr(h._loss_fn, '__name__', h._loss_fn)!r}"),
+            "fn": _path_or_none(
+                h._loss_fn, f"loss function {getattr(h._loss_fn, '__name__', h._loss_fn)!r}"
+            ),
             "kwargs": {k: v for k, v in h._loss_fn_kwargs.items() if _plain(v)},
             "pass_epoch": h._pass_epoch_to_loss,
         }
-    payload["metrics"] = {name: _path_or_none(fn, f"metric {name!r}") for name, fn in h._metrics.items()}
+    payload["metrics"] = {
+        name: _path_or_none(fn, f"metric {name!r}") for name, fn in h._metrics.items()
+    }
     payload["callbacks"] = [_callback_record(cb) for cb in h._callbacks]
     payload["history"] = h._history.state_dict()
     payload["auto_saver"] = h._auto_saver.state_dict()
@@ -224,7 +259,9 @@ def handler_payload(handler: NNHandler, *, include_datasets: bool = True,
     payload["rng"] = capture_rng()
     payload["loss_scaler"] = attrs.asdict(h._loss_scaler_config)
     payload["data"] = {
-        "train": _dataset_record(h._train_loader, h._loader_kwargs.get("train", {}), include_datasets),
+        "train": _dataset_record(
+            h._train_loader, h._loader_kwargs.get("train", {}), include_datasets
+        ),
         "val": _dataset_record(h._val_loader, h._loader_kwargs.get("val", {}), include_datasets),
     }
     payload["sde"] = _component_record(h._sde, "SDE")
@@ -252,22 +289,41 @@ def _callback_record(cb: Any) -> dict[str, Any]:
     plain = {k: v for k, v in config.items() if _plain(v)}
     dropped = sorted(set(config) - set(plain))
     if dropped:
-        warnings.warn(f"callback {type(cb).__name__}: options {dropped} are not plain values and are not saved",
-                      stacklevel=4)
-    return {"class": _path_or_none(type(cb), f"callback {type(cb).__name__}"), "config": plain,
-            "state": cb.state_dict()}
+        warnings.warn(
+            f"callback {type(cb).__name__}: options {dropped} are not plain values and are not saved",
+            stacklevel=4,
+        )
+    return {
+        "class": _path_or_none(type(cb), f"callback {type(cb).__name__}"),
+        "config": plain,
+        "state": cb.state_dict(),
+    }
 
 
 def _component_record(obj: Any, what: str) -> dict[str, Any] | None:
     if obj is None:
         return None
     config = obj.config() if hasattr(obj, "config") else {}
+    plain = {k: v for k, v in config.items() if _plain(v)}
+    dropped = sorted(set(config) - set(plain))
+    if dropped:
+        warnings.warn(
+            f"{what} {type(obj).__name__}: options {dropped} are not plain values and are not saved; "
+            "loading rebuilds it without them",
+            stacklevel=4,
+        )
     state = obj.state_dict() if hasattr(obj, "state_dict") else None
-    return {"class": _path_or_none(type(obj), f"{what} {type(obj).__name__}"), "config": config, "state": state}
+    return {
+        "class": _path_or_none(type(obj), f"{what} {type(obj).__name__}"),
+        "config": plain,
+        "state": state,
+    }
 
 
 # ----------------------------------------------------------------------------- load
-def resolve_model_class(record: dict[str, Any], path: str, trust_model_code: bool) -> type[nn.Module]:
+def resolve_model_class(
+    record: dict[str, Any], path: str, trust_model_code: bool
+) -> type[nn.Module]:
     """The model class of a checkpoint: by import path, else (opt-in) from stored source."""
     try:
         return resolve_import_path(record["class"])
@@ -296,9 +352,19 @@ def _resolve_optional(path_: str | None, what: str, handler_log: Callable[[str],
         return None
 
 
-def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, strict_load: bool,
-                  skip_optimizer: bool, skip_scheduler: bool, skip_history: bool, skip_callbacks: bool,
-                  skip_sampler_sde: bool, skip_ema: bool) -> None:
+def apply_payload(
+    handler: NNHandler,
+    payload: dict[str, Any],
+    path: str,
+    *,
+    strict_load: bool,
+    skip_optimizer: bool,
+    skip_scheduler: bool,
+    skip_history: bool,
+    skip_callbacks: bool,
+    skip_sampler_sde: bool,
+    skip_ema: bool,
+) -> None:
     """Restore a checkpoint's state into a handler built with its model."""
     h = handler
     model = payload["model"]
@@ -309,7 +375,9 @@ def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, str
         try:
             module.load_state_dict(weights, strict=strict_load, assign=True)
         except RuntimeError as err:
-            raise CheckpointError(f"{path}: the model weights do not fit {type(module).__name__}: {err}") from err
+            raise CheckpointError(
+                f"{path}: the model weights do not fit {type(module).__name__}: {err}"
+            ) from err
         del module._nnh_meta_init
         module.to(h.device)
         h._model = h._wrap(module)
@@ -329,7 +397,9 @@ def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, str
     if payload.get("loss"):
         fn = _resolve_optional(payload["loss"]["fn"], "the loss function", h._log)
         if fn is not None:
-            h.set_loss_fn(fn, pass_epoch_to_loss=payload["loss"]["pass_epoch"], **payload["loss"]["kwargs"])
+            h.set_loss_fn(
+                fn, pass_epoch_to_loss=payload["loss"]["pass_epoch"], **payload["loss"]["kwargs"]
+            )
     for name, fn_path in (payload.get("metrics") or {}).items():
         fn = _resolve_optional(fn_path, f"metric {name!r}", h._log)
         if fn is not None:
@@ -341,8 +411,10 @@ def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, str
         try:
             h._adapter.optimizer.load_state_dict(rec["state_dict"])
         except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path}: the optimizer state does not fit the model ({err}); "
-                                  "load with skip_optimizer=True to start the optimizer afresh") from err
+            raise CheckpointError(
+                f"{path}: the optimizer state does not fit the model ({err}); "
+                "load with skip_optimizer=True to start the optimizer afresh"
+            ) from err
     if payload.get("scheduler") and not skip_scheduler and h._adapter is not None:
         rec = payload["scheduler"]
         cls = _resolve_optional(rec["class"], "the scheduler", h._log)
@@ -364,8 +436,8 @@ def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, str
             cb.load_state_dict(rec["state"])
             h.add_callback(cb)
     if not skip_sampler_sde:
-        h._sde = _rebuild_component(payload.get("sde"), "SDE", h._log)
-        h._sampler = _rebuild_component(payload.get("sampler"), "sampler", h._log)
+        h.sde = _rebuild_component(payload.get("sde"), "SDE", h._log)
+        h.sampler = _rebuild_component(payload.get("sampler"), "sampler", h._log)  # attaches it
     from nnh.autosaver import AutoSaver
     from nnh.core import LossScaler
 
@@ -373,7 +445,9 @@ def apply_payload(handler: NNHandler, payload: dict[str, Any], path: str, *, str
     h._loss_scaler_config = LossScaler(**(payload.get("loss_scaler") or {}))
     h._seed = payload.get("seed")
     h._last_train_kwargs = payload.get("last_train_kwargs")
-    _restore_train_state(h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer)
+    _restore_train_state(
+        h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer
+    )
     if model.get("compile") is not None:
         h.compile_model(**model["compile"])
     restore_rng(payload["rng"])
@@ -394,11 +468,16 @@ def _restore_loader(h: NNHandler, which: str, record: dict[str, Any] | None) -> 
             dataset = Subset(dataset, record["indices"].tolist())
         getattr(h, f"set_{which}_loader")(dataset, **kwargs)
     else:
-        h._log(f"the {which} dataset ({record.get('dataset_class')}) is not stored in checkpoints: "
-               f"call set_{which}_loader again", logging.INFO)
+        h._log(
+            f"the {which} dataset ({record.get('dataset_class')}) is not stored in checkpoints: "
+            f"call set_{which}_loader again",
+            logging.INFO,
+        )
 
 
-def _rebuild_component(rec: dict[str, Any] | None, what: str, handler_log: Callable[[str], None]) -> Any:
+def _rebuild_component(
+    rec: dict[str, Any] | None, what: str, handler_log: Callable[[str], None]
+) -> Any:
     if rec is None:
         return None
     cls = _resolve_optional(rec["class"], f"the {what}", handler_log)
@@ -410,7 +489,9 @@ def _rebuild_component(rec: dict[str, Any] | None, what: str, handler_log: Calla
     return obj
 
 
-def _restore_train_state(h: NNHandler, rec: dict[str, Any] | None, *, skip_ema: bool, skip_optimizer: bool) -> None:
+def _restore_train_state(
+    h: NNHandler, rec: dict[str, Any] | None, *, skip_ema: bool, skip_optimizer: bool
+) -> None:
     if rec is None or h._adapter is None:
         return
     from nnh.core import init_train_state
@@ -425,9 +506,13 @@ def _restore_train_state(h: NNHandler, rec: dict[str, Any] | None, *, skip_ema: 
     scaler = rec.get("scaler")
     state = attrs.evolve(
         state,
-        ema=None if (ema is None or skip_ema) else flat_td({k: v.to(device) for k, v in ema.items()}),
+        ema=None
+        if (ema is None or skip_ema)
+        else flat_td({k: v.to(device) for k, v in ema.items()}),
         scaler=None if scaler is None else flat_td({k: v.to(device) for k, v in scaler.items()}),
-        grads=None if (grads is None or skip_optimizer) else flat_td({k: v.to(device) for k, v in grads.items()}),
+        grads=None
+        if (grads is None or skip_optimizer)
+        else flat_td({k: v.to(device) for k, v in grads.items()}),
         **counters,
     )
     if state.grads is not None:

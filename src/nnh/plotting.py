@@ -35,7 +35,9 @@ def _figure(title: str, ylabel: str, log_y: bool) -> tuple[Figure, object]:
     return fig, ax
 
 
-def plot_losses(history: History, *, log_y_scale: bool = False, save_path: str | None = None) -> Figure:
+def plot_losses(
+    history: History, *, log_y_scale: bool = False, save_path: str | None = None
+) -> Figure:
     """Training and validation loss per epoch; saved to ``save_path`` when given.
 
     Example:

@@ -47,7 +47,11 @@ class Sampler:
 
         out = {}
         for name, p in inspect.signature(type(self).__init__).parameters.items():
-            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and hasattr(self, name):
+            if (
+                name != "self"
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                and hasattr(self, name)
+            ):
                 out[name] = getattr(self, name)
         return out
 

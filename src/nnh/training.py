@@ -77,7 +77,12 @@ def run_train_epoch(
     status = status if status is not None else progress
     sums = new_sums(list(metrics), device)
     if initial_sums is not None:
-        add_to_sums(sums, initial_sums["loss"].to(device), 0, {k: v.to(device) for k, v in initial_sums["metrics"].items()})
+        add_to_sums(
+            sums,
+            initial_sums["loss"].to(device),
+            0,
+            {k: v.to(device) for k, v in initial_sums["metrics"].items()},
+        )
         sums.count.add_(initial_sums["count"].to(device))
     batch_hooks_begin = callbacks.wants("on_train_batch_begin")
     batch_hooks_end = callbacks.wants("on_train_batch_end")
@@ -114,11 +119,23 @@ def run_train_epoch(
                 else:
                     n = out.num_samples  # an objective without loss_of: logged as trained
         if n:
-            add_to_sums(sums, loss.double() * n, n,
-                        metric_sums(metrics, output, target, n) if metrics else None)
+            add_to_sums(
+                sums,
+                loss.double() * n,
+                n,
+                metric_sums(metrics, output, target, n) if metrics else None,
+            )
         if batch_hooks_end:
-            callbacks.call("on_train_batch_end", index, {"loss": out.loss, "batch_size": out.num_samples,
-                                                         "output": out.output, "updated": out.updated})
+            callbacks.call(
+                "on_train_batch_end",
+                index,
+                {
+                    "loss": out.loss,
+                    "batch_size": out.num_samples,
+                    "output": out.output,
+                    "updated": out.updated,
+                },
+            )
         if on_step is not None:
             on_step(state, index, sums)
         if progress is not None:
@@ -129,7 +146,9 @@ def run_train_epoch(
                 status.set_postfix(loss=f"{_running_loss(sums):.4g}")
                 last_refresh = now
         if debug_print_interval and (index + 1) % debug_print_interval == 0 and log is not None:
-            log(f"{epoch_label} batch {index + 1}: loss {float(out.loss):.6g} (running {_running_loss(sums):.6g})")
+            log(
+                f"{epoch_label} batch {index + 1}: loss {float(out.loss):.6g} (running {_running_loss(sums):.6g})"
+            )
     state = end_epoch(state, config, donate=True)
     return EpochResult(state=state, sums=sums, batches=index + 1)
 
@@ -171,8 +190,11 @@ def run_val_epoch(
         out = eval_step(state, batch, config, metrics=metrics)
         add_to_sums(sums, out.loss_sum, out.num_samples, out.metric_sums)
         if hooks_end:
-            callbacks.call("on_val_batch_end", index, {"loss_sum": out.loss_sum, "batch_size": out.num_samples,
-                                                       "output": out.output})
+            callbacks.call(
+                "on_val_batch_end",
+                index,
+                {"loss_sum": out.loss_sum, "batch_size": out.num_samples, "output": out.output},
+            )
         if progress is not None:
             progress.update(1)
     return EpochResult(state=None, sums=sums, batches=index + 1)

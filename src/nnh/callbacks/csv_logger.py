@@ -66,7 +66,9 @@ class CSVLogger(Callback):
 
     all_ranks = False
 
-    def __init__(self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False):
+    def __init__(
+        self, filename: str | os.PathLike[str], separator: str = ",", append: bool = False
+    ):
         super().__init__()
         if not isinstance(separator, str) or len(separator) != 1:
             raise ValueError(f"CSVLogger separator must be a single character, got {separator!r}")
@@ -102,7 +104,9 @@ class CSVLogger(Callback):
         for row in rows:
             writer.writerow(list(row) + [""] * (len(columns) - len(row)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+        )
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
                 f.write(buf.getvalue())
@@ -161,7 +165,10 @@ class CSVLogger(Callback):
             >>> CSVLogger("log.csv").state_dict()
             {'columns': None, 'started': False}
         """
-        return {"columns": None if self.columns is None else list(self.columns), "started": self._started}
+        return {
+            "columns": None if self.columns is None else list(self.columns),
+            "started": self._started,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the columns and whether this logger already started its file.

@@ -78,11 +78,17 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping mode must be 'min' or 'max', got {mode!r}")
         if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
             raise ValueError(f"EarlyStopping patience must be an int >= 0, got {patience!r}")
-        if not isinstance(min_delta, (int, float)) or isinstance(min_delta, bool) or min_delta < 0 \
-                or math.isnan(min_delta):
+        if (
+            not isinstance(min_delta, (int, float))
+            or isinstance(min_delta, bool)
+            or min_delta < 0
+            or math.isnan(min_delta)
+        ):
             raise ValueError(f"EarlyStopping min_delta must be a number >= 0, got {min_delta!r}")
         if not isinstance(monitor, str) or not monitor:
-            raise ValueError(f"EarlyStopping monitor must be a non-empty logged key, got {monitor!r}")
+            raise ValueError(
+                f"EarlyStopping monitor must be a non-empty logged key, got {monitor!r}"
+            )
         self.monitor = monitor
         self.mode = mode
         self.patience = patience
@@ -135,9 +141,11 @@ class EarlyStopping(Callback):
         self.wait = int(state.get("wait", 0))
         self.stopped_epoch = int(state.get("stopped_epoch", 0))
         weights = state.get("best_weights")
-        self.best_weights = None if weights is None else {
-            k: v.detach().to("cpu", copy=True) for k, v in weights.items()
-        }
+        self.best_weights = (
+            None
+            if weights is None
+            else {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+        )
 
     # ------------------------------------------------------------------ hooks
     def _improved(self, value: float) -> bool:
@@ -185,9 +193,12 @@ class EarlyStopping(Callback):
         if self._improved(value):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
-                assert self.handler is not None, "EarlyStopping must be added with handler.add_callback"
+                assert self.handler is not None, (
+                    "EarlyStopping must be added with handler.add_callback"
+                )
                 self.best_weights = {
-                    k: v.detach().to("cpu", copy=True) for k, v in self.handler.module.state_dict().items()
+                    k: v.detach().to("cpu", copy=True)
+                    for k, v in self.handler.module.state_dict().items()
                 }
             return
         self.wait += 1
@@ -195,8 +206,10 @@ class EarlyStopping(Callback):
             assert self.handler is not None, "EarlyStopping must be added with handler.add_callback"
             self.stopped_epoch = epoch
             self.handler.stop_training = True
-            self._say(f"EarlyStopping: no improvement of {self.monitor} for {self.wait} epoch(s); "
-                      f"stopping after epoch {epoch} (best {self.best:.6g} at epoch {self.best_epoch})")
+            self._say(
+                f"EarlyStopping: no improvement of {self.monitor} for {self.wait} epoch(s); "
+                f"stopping after epoch {epoch} (best {self.best:.6g} at epoch {self.best_epoch})"
+            )
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if not self._seen_this_run and "epoch" in self._last_logs:
@@ -216,10 +229,14 @@ class EarlyStopping(Callback):
             >>> # es.restore_best()   # also when training ended without stopping
         """
         if self.best_weights is None:
-            raise RuntimeError("EarlyStopping has no best weights: construct it with "
-                               "restore_best_weights=True and train at least one epoch that logs "
-                               f"{self.monitor!r}")
+            raise RuntimeError(
+                "EarlyStopping has no best weights: construct it with "
+                "restore_best_weights=True and train at least one epoch that logs "
+                f"{self.monitor!r}"
+            )
         assert self.handler is not None, "EarlyStopping must be added with handler.add_callback"
         self.handler.module.load_state_dict(self.best_weights)
-        self._say(f"EarlyStopping: restored the weights of epoch {self.best_epoch} "
-                  f"({self.monitor}={self.best:.6g})")
+        self._say(
+            f"EarlyStopping: restored the weights of epoch {self.best_epoch} "
+            f"({self.monitor}={self.best:.6g})"
+        )

@@ -49,7 +49,11 @@ class ModelCheckpoint(Callback):
         if monitor is None and every_n_epochs is None and not save_last:
             raise ValueError("ModelCheckpoint needs monitor=, every_n_epochs= or save_last=True")
         self.dirpath, self.filename, self.monitor, self.mode = str(dirpath), filename, monitor, mode
-        self.save_best_only, self.every_n_epochs, self.save_last = save_best_only, every_n_epochs, save_last
+        self.save_best_only, self.every_n_epochs, self.save_last = (
+            save_best_only,
+            every_n_epochs,
+            save_last,
+        )
         self.best_score = math.inf if mode == "min" else -math.inf
         self.best_path: str | None = None
         self.saved: list[str] = []
@@ -77,16 +81,23 @@ class ModelCheckpoint(Callback):
             value = logs.get(self.monitor)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 if not self._warned and self.monitor not in logs:
-                    warnings.warn(f"ModelCheckpoint: monitored key {self.monitor!r} is not logged "
-                                  f"(available: {sorted(logs)}); nothing saved for it", stacklevel=2)
+                    warnings.warn(
+                        f"ModelCheckpoint: monitored key {self.monitor!r} is not logged "
+                        f"(available: {sorted(logs)}); nothing saved for it",
+                        stacklevel=2,
+                    )
                     self._warned = True
             elif self._improved(float(value)):
                 self.best_score = float(value)
                 path = self._path(logs)
                 handler.save(str(path))
                 previous, self.best_path = self.best_path, str(path)
-                if self.save_best_only and previous and Path(previous).resolve() != path.resolve() \
-                        and handler.rank == 0:
+                if (
+                    self.save_best_only
+                    and previous
+                    and Path(previous).resolve() != path.resolve()
+                    and handler.rank == 0
+                ):
                     Path(previous).unlink(missing_ok=True)
                 self.saved.append(str(path))
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
@@ -98,7 +109,11 @@ class ModelCheckpoint(Callback):
             handler.save(str(Path(self.dirpath) / "last.pth"))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_score": self.best_score, "best_path": self.best_path, "saved": list(self.saved)}
+        return {
+            "best_score": self.best_score,
+            "best_path": self.best_path,
+            "saved": list(self.saved),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_score = float(state["best_score"])

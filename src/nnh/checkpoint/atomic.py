@@ -51,7 +51,9 @@ def _host_tag() -> str:
 
 
 def _temp_name(final: Path) -> str:
-    return f".{final.name[:_MAX_NAME_IN_TEMP]}.tmp-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return (
+        f".{final.name[:_MAX_NAME_IN_TEMP]}.tmp-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    )
 
 
 def _prepare_destination(final: Path) -> None:

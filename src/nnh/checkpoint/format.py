@@ -92,8 +92,10 @@ def _describe(payload: object) -> str:
 
 def _not_nnh(payload: object, where: str, path: str | os.PathLike[str] | None) -> CheckpointError:
     hint = ""
-    if isinstance(payload, Mapping) and payload and all(
-        isinstance(v, torch.Tensor) for v in payload.values()
+    if (
+        isinstance(payload, Mapping)
+        and payload
+        and all(isinstance(v, torch.Tensor) for v in payload.values())
     ):
         hint = (
             " It looks like a bare model state_dict: load it with "

@@ -260,6 +260,7 @@ def to_flat_state_dict(weights: object, path: PathLike | None = None) -> dict[st
     """
     where = "the weights" if path is None else f"the weights in {os.fspath(path)!r}"
     from tensordict import TensorDictBase
+
     if isinstance(weights, TensorDictBase):
         weights = dict(weights.flatten_keys(".").items())
     if not isinstance(weights, Mapping):
@@ -272,8 +273,7 @@ def to_flat_state_dict(weights: object, path: PathLike | None = None) -> dict[st
     bad = [
         f"{k!r}: {type(v).__name__}"
         for k, v in weights.items()
-        if not isinstance(k, str)
-        or not (isinstance(v, torch.Tensor) or _is_extra_state(k))
+        if not isinstance(k, str) or not (isinstance(v, torch.Tensor) or _is_extra_state(k))
     ]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""

@@ -121,7 +121,9 @@ def capture_model_source(model_class: type, *, mode: str = "module") -> dict[str
 
 
 def _check_record(record: object, path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
-    where = "the stored model source" if path is None else f"the model source in {os.fspath(path)!r}"
+    where = (
+        "the stored model source" if path is None else f"the model source in {os.fspath(path)!r}"
+    )
     if not isinstance(record, Mapping) or any(
         not isinstance(record.get(field), str) for field in _RECORD_FIELDS
     ):

@@ -71,7 +71,9 @@ def pack_sums(sums: EpochSums) -> torch.Tensor:
     return torch.stack([sums.loss, *[sums.metrics[n] for n in names], sums.count])
 
 
-def sums_to_means(packed: torch.Tensor, metric_names: Sequence[str]) -> tuple[float, dict[str, float], int]:
+def sums_to_means(
+    packed: torch.Tensor, metric_names: Sequence[str]
+) -> tuple[float, dict[str, float], int]:
     """``(mean loss, {metric: mean}, count)`` from a packed (possibly all-reduced) vector.
 
     One host transfer for all values. A zero count gives NaN means.

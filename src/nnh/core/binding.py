@@ -96,6 +96,8 @@ def _install(slots, tensors: TensorDict, kind: str, required_type) -> None:
     for name, places in slots.items():
         tensor = tensors[name]
         if required_type is not None and not isinstance(tensor, required_type):
-            raise TypeError(f"{kind} {name!r} must be an nn.Parameter to be installed in the module")
+            raise TypeError(
+                f"{kind} {name!r} must be an nn.Parameter to be installed in the module"
+            )
         for mod, attr in places:
             getattr(mod, f"_{kind}s")[attr] = tensor

@@ -10,7 +10,9 @@ from nnh.core.tree import clone_tensors
 __all__ = ["ema_update", "ema_update_"]
 
 
-def ema_update_(ema_leaves: list[torch.Tensor], param_leaves: list[torch.Tensor], decay: float) -> None:
+def ema_update_(
+    ema_leaves: list[torch.Tensor], param_leaves: list[torch.Tensor], decay: float
+) -> None:
     """In place: ``ema = decay * ema + (1 - decay) * param`` on lists of tensors (foreach).
 
     ``torch.lerp`` is exact at its end points, so ``decay=0`` copies and ``decay=1`` keeps.
@@ -24,7 +26,9 @@ def ema_update_(ema_leaves: list[torch.Tensor], param_leaves: list[torch.Tensor]
         torch._foreach_lerp_(ema_leaves, [p.detach() for p in param_leaves], 1.0 - float(decay))
 
 
-def ema_update(ema: TensorDict, params: TensorDict, decay: float, *, donate: bool = False) -> TensorDict:
+def ema_update(
+    ema: TensorDict, params: TensorDict, decay: float, *, donate: bool = False
+) -> TensorDict:
     """The EMA record after one update with ``params``; ``ema`` is untouched unless ``donate``.
 
     Example:
@@ -44,4 +48,3 @@ def ema_update(ema: TensorDict, params: TensorDict, decay: float, *, donate: boo
     names = list(out.keys())
     ema_update_([out[n] for n in names], [params[n] for n in names], decay)
     return out
-

@@ -31,7 +31,9 @@ def metric_sums(
             try:
                 value = fn(output, target)
             except Exception as err:
-                raise MetricError(f"metric {name!r} failed on a batch: {type(err).__name__}: {err}") from err
+                raise MetricError(
+                    f"metric {name!r} failed on a batch: {type(err).__name__}: {err}"
+                ) from err
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise MetricError(

@@ -40,7 +40,9 @@ def batch_size(x: Any) -> int:
         return batch_size(x[0])
     if isinstance(x, Mapping) and x:
         return batch_size(next(iter(x.values())))
-    raise TypeError(f"cannot tell the number of samples of a batch element of type {type(x).__name__}")
+    raise TypeError(
+        f"cannot tell the number of samples of a batch element of type {type(x).__name__}"
+    )
 
 
 def accepts_keyword(fn: Callable, name: str) -> bool:
@@ -81,7 +83,9 @@ class Supervised:
     def __attrs_post_init__(self) -> None:
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
-        object.__setattr__(self, "_epoch_ok", self.pass_epoch and accepts_keyword(self.loss_fn, "epoch"))
+        object.__setattr__(
+            self, "_epoch_ok", self.pass_epoch and accepts_keyword(self.loss_fn, "epoch")
+        )
 
     def __call__(self, model: Callable, batch: Any, epoch: int = 0) -> Evaluation:
         x, target, extra = split_batch(batch, self.inputs_are_targets)

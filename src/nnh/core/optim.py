@@ -79,7 +79,9 @@ class OptimizerAdapter:
             >>> [g["lr"] for g in a.optimizer.param_groups]
             [0.1, 0.01]
         """
-        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        if not (
+            isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
+        ):
             raise TypeError(
                 f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}; "
                 "pass the class itself, e.g. torch.optim.Adam, and its options as keywords"

@@ -37,7 +37,9 @@ class LossScaler:
         if not self.growth_factor > 1.0:
             raise ValueError(f"LossScaler.growth_factor must be > 1, got {self.growth_factor}")
         if not 0.0 < self.backoff_factor < 1.0:
-            raise ValueError(f"LossScaler.backoff_factor must be in (0, 1), got {self.backoff_factor}")
+            raise ValueError(
+                f"LossScaler.backoff_factor must be in (0, 1), got {self.backoff_factor}"
+            )
         if self.growth_interval < 1:
             raise ValueError(f"LossScaler.growth_interval must be >= 1, got {self.growth_interval}")
 
@@ -58,7 +60,9 @@ def init_scaler_state(config: LossScaler, device: torch.device | str = "cpu") ->
     )
 
 
-def unscale_grads_(grads: list[torch.Tensor], scaler: TensorDict, extra_factor: float = 1.0) -> torch.Tensor:
+def unscale_grads_(
+    grads: list[torch.Tensor], scaler: TensorDict, extra_factor: float = 1.0
+) -> torch.Tensor:
     """Divide ``grads`` in place by the scale (times ``1/extra_factor``) and return
     ``found_inf`` (a 1-element float tensor, 1.0 when any gradient is inf/NaN). No host sync.
 
@@ -75,7 +79,9 @@ def unscale_grads_(grads: list[torch.Tensor], scaler: TensorDict, extra_factor: 
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
     for device, group in by_device.items():
-        local_inf = found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
+        local_inf = (
+            found_inf if device == found_inf.device else torch.zeros_like(found_inf, device=device)
+        )
         torch._amp_foreach_non_finite_check_and_unscale_(group, local_inf, inv_scale.to(device))
         if local_inf is not found_inf:
             found_inf += local_inf.to(found_inf.device)

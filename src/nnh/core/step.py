@@ -88,16 +88,24 @@ class TrainConfig:
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {self.accumulation_steps!r}")
+            raise ValueError(
+                f"accumulation_steps must be an int >= 1, got {self.accumulation_steps!r}"
+            )
         if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm!r}")
+            raise ValueError(
+                f"clip_norm must be > 0 (or None for no clipping), got {self.clip_norm!r}"
+            )
         if self.amp_dtype is not None and self.amp_dtype not in _AMP_DTYPES:
-            raise ValueError(f"amp_dtype must be torch.bfloat16 or torch.float16, got {self.amp_dtype!r}")
+            raise ValueError(
+                f"amp_dtype must be torch.bfloat16 or torch.float16, got {self.amp_dtype!r}"
+            )
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay!r}")
         module = self.module if self.module is not None else unwrap_module(self.model)
         if not isinstance(module, nn.Module):
-            raise TypeError("TrainConfig needs an nn.Module (pass module= when model is a plain callable)")
+            raise TypeError(
+                "TrainConfig needs an nn.Module (pass module= when model is a plain callable)"
+            )
         object.__setattr__(self, "module", module)
         object.__setattr__(self, "_binding", ModuleBinding(module))
 
@@ -111,8 +119,10 @@ class TrainConfig:
             for name, p in state.params.items():
                 p.grad = grads.get(name, None) if grads is not None else None
             self._cache.clear()
-        if with_optimizer and self.optimizer is not None and not self.optimizer.is_bound(
-            state.params, state.opt_state
+        if (
+            with_optimizer
+            and self.optimizer is not None
+            and not self.optimizer.is_bound(state.params, state.opt_state)
         ):
             self.optimizer.bind(state.params, state.opt_state)
 
@@ -127,7 +137,12 @@ class TrainConfig:
         cached = self._cache.get("ema")
         if cached is None or cached[0] is not state.ema or cached[1] is not state.params:
             names = list(state.params.keys())
-            cached = (state.ema, state.params, [state.ema[n] for n in names], [state.params[n] for n in names])
+            cached = (
+                state.ema,
+                state.params,
+                [state.ema[n] for n in names],
+                [state.params[n] for n in names],
+            )
             self._cache["ema"] = cached
         return cached[2], cached[3]
 
@@ -207,8 +222,14 @@ def _detach(x: Any) -> Any:
 
 def _check_loss(loss: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        what = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"shape {tuple(loss.shape)}"
-        raise TypeError(f"the loss function must return a scalar tensor (reduce it to the batch mean), got {what}")
+        what = (
+            type(loss).__name__
+            if not isinstance(loss, torch.Tensor)
+            else f"shape {tuple(loss.shape)}"
+        )
+        raise TypeError(
+            f"the loss function must return a scalar tensor (reduce it to the batch mean), got {what}"
+        )
     if not loss.requires_grad:
         raise RuntimeError(
             "the loss does not require grad: no parameter took part in it (all frozen, or the "
@@ -266,7 +287,9 @@ def train_step(
         if state.scaler is not None:
             scaled = scaled * state.scaler["scale"]
         scaled.backward()
-    window = _Window(micro, state.window_samples + n, first, scope.new_rng if state.rng is not None else None)
+    window = _Window(
+        micro, state.window_samples + n, first, scope.new_rng if state.rng is not None else None
+    )
     out_loss, output, target = loss.detach(), _detach(ev.output), ev.target
     if not update:
         grads = flat_td({name: p.grad for name, p in state.params.items() if p.grad is not None})
@@ -338,7 +361,9 @@ def _apply_update(
     return state, grad_norm
 
 
-def apply_pending_update(state: TrainState, config: TrainConfig, *, donate: bool = False) -> TrainState:
+def apply_pending_update(
+    state: TrainState, config: TrainConfig, *, donate: bool = False
+) -> TrainState:
     """Apply a partially filled accumulation window now (no-op when none is open).
 
     Example:
@@ -403,4 +428,3 @@ def eval_step(
     loss_sum = ev.loss.detach().double() * n
     sums = metric_sums(metrics, ev.output, ev.target, n) if metrics else {}
     return EvalOutput(loss_sum=loss_sum, metric_sums=sums, num_samples=n, output=ev.output)
-

@@ -33,7 +33,9 @@ class ScoreMatching:
 
     sde: SDE
 
-    def __call__(self, model: Callable[..., torch.Tensor], batch: Any, epoch: int = 0) -> Evaluation:
+    def __call__(
+        self, model: Callable[..., torch.Tensor], batch: Any, epoch: int = 0
+    ) -> Evaluation:
         x, _, extra = split_batch(batch, inputs_are_targets=True)
         loss = denoising_score_matching_loss(model, self.sde, x, *extra)
         return Evaluation(loss=loss, output=None, target=x, num_samples=batch_size(x))
@@ -57,7 +59,9 @@ class UserScoreLoss:
     loss_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
     pass_epoch: bool = False
 
-    def __call__(self, model: Callable[..., torch.Tensor], batch: Any, epoch: int = 0) -> Evaluation:
+    def __call__(
+        self, model: Callable[..., torch.Tensor], batch: Any, epoch: int = 0
+    ) -> Evaluation:
         x, _, extra = split_batch(batch, inputs_are_targets=True)
         kwargs = dict(self.loss_kwargs)
         if self.sde is not None and accepts_keyword(self.loss_fn, "sde"):
