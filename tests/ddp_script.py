@@ -74,7 +74,7 @@ class UnevenSampler(Sampler):
 def build(case: str, batch: int = BATCH) -> NNHandler:
     torch.manual_seed(0)
     h = NNHandler(Net)
-    h.set_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9)
+    h.set_optimizer(torch.optim.SGD, lr=0.0 if case == "pad_train" else 0.1, momentum=0.9)
 
     def loss(out, y):
         if case == "loss" and rank() == 1:
@@ -87,6 +87,8 @@ def build(case: str, batch: int = BATCH) -> NNHandler:
     h.set_loss_fn(loss if case in ("loss", "nan") else nn.functional.cross_entropy)
     if case == "uneven":
         h.set_train_loader(data(64, 0), batch_size=batch, sampler=UnevenSampler(64))
+    elif case == "pad_train":  # 97 samples on 2 ranks: one padded duplicate, in a batch of 1
+        h.set_train_loader(data(97, 0), batch_size=batch, shuffle=False)
     else:
         h.set_train_loader(data(N_TRAIN, 0), batch_size=batch, shuffle=False)
     h.set_val_loader(data(N_VAL, 1), batch_size=50)

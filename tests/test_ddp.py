@@ -147,6 +147,18 @@ def test_early_stop_decided_on_rank_zero_stops_every_rank(tmp_path):
     assert len(torch.load(tmp_path / "result.pt", weights_only=True)["train_losses"]) == 2
 
 
+def test_training_padding_is_not_logged(tmp_path):
+    """lr = 0: the weights stay put, so the logged training loss and metric must be the
+    one-process values over the 97 real samples, without DistributedSampler's duplicate."""
+    proc = torchrun("pad_train", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    h = ddp_script.build("pad_train", 16)
+    h.train(epochs=3, progress_bar=False)
+    assert result["train_losses"] == pytest.approx(h.train_losses, rel=1e-6)
+    assert result["train_acc"] == pytest.approx(h.train_metrics_history["acc"], rel=1e-6)
+
+
 def test_uneven_shards_from_a_user_sampler_do_not_deadlock(tmp_path):
     proc = torchrun("uneven", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]

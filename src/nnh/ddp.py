@@ -16,7 +16,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from nnh.distributed import DistContext
 
-__all__ = ["gather_predictions", "real_samples", "sharded_eval_loader", "trim_batch"]
+__all__ = [
+    "ShardCounter",
+    "gather_predictions",
+    "real_samples",
+    "sharded_eval_loader",
+    "trim_batch",
+]
 
 
 def real_samples(loader: Any) -> int | None:
@@ -34,6 +40,27 @@ def real_samples(loader: Any) -> int | None:
     n = len(sampler.dataset)
     real = len(range(sampler.rank, n, sampler.num_replicas))
     return None if real == sampler.num_samples else real
+
+
+class ShardCounter:
+    """Walks a rank's shard batch by batch and says how many samples of each are real.
+
+    ``real`` is :func:`real_samples` of the loader (``None``: nothing is padding).
+
+    Example:
+        >>> counter = ShardCounter(real=5)
+        >>> [counter.take(2) for _ in range(3)]
+        [2, 2, 1]
+    """
+
+    def __init__(self, real: int | None):
+        self.real, self.seen = real, 0
+
+    def take(self, n: int) -> int:
+        """Count a batch of ``n`` samples; return how many of them are real."""
+        k = n if self.real is None else max(0, min(n, self.real - self.seen))
+        self.seen += n
+        return k
 
 
 def trim_batch(batch: Any, k: int) -> Any:

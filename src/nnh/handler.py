@@ -38,7 +38,7 @@ from nnh.core.accumulate import pack_sums, sums_to_means
 from nnh.core.objectives import batch_size
 from nnh.core.tree import flat_td
 from nnh.data import build_loader, fast_loader, move_to_device
-from nnh.ddp import real_samples, trim_batch
+from nnh.ddp import ShardCounter, real_samples, trim_batch
 from nnh.distributed import setup_distributed
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
@@ -1213,19 +1213,18 @@ class NNHandler:
         from nnh.ddp import gather_predictions, sharded_eval_loader
 
         data_loader = sharded_eval_loader(data_loader, self._dist)
-        real = real_samples(data_loader)
-        seen = 0
+        shard = ShardCounter(real_samples(data_loader))
         was_training = self.module.training
         self.module.eval()
         outputs: list[Any] = []
         try:
             with self._ema_weights(apply_ema), torch.no_grad():
                 for batch in fast_loader(data_loader):
-                    if real is not None:
-                        n = batch_size(batch[0] if isinstance(batch, (list, tuple)) else batch)
-                        k, seen = max(0, min(n, real - seen)), seen + n
-                        if k == 0:
-                            continue
+                    n = batch_size(batch)
+                    k = shard.take(n)
+                    if k == 0:
+                        continue  # all DistributedSampler padding
+                    if k < n:
                         batch = trim_batch(batch, k)
                     outputs.append(self._forward_batch(move_to_device(batch, self._device)))
         finally:

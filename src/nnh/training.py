@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from nnh.callbacks.base import CallbackList
 from nnh.core import TrainConfig, TrainState, end_epoch, eval_step, metric_sums, train_step
 from nnh.core.accumulate import EpochSums, add_to_sums, new_sums
+from nnh.core.objectives import batch_size
 from nnh.data import move_to_device
-from nnh.ddp import trim_batch
+from nnh.ddp import ShardCounter, trim_batch
 
 __all__ = ["EpochResult", "run_train_epoch", "run_val_epoch"]
 
@@ -89,35 +90,30 @@ def run_train_epoch(
     last_refresh = time.monotonic()
     total = num_batches if num_batches is not None else _safe_len(loader)
     index = -1
-    seen = 0
+    shard = ShardCounter(real_samples)
     for index, batch in enumerate(loader):
         if index < skip_batches:
             if index == skip_batches - 1 and after_skip is not None:
                 after_skip()
-            if real_samples is not None:
-                from nnh.core import batch_size
-
-                seen += batch_size(batch[0] if isinstance(batch, (list, tuple)) else batch)
+            shard.take(batch_size(batch))
             continue
         batch = move_to_device(batch, device)
         if batch_hooks_begin:
             callbacks.call("on_train_batch_begin", index, {"batch": batch})
         last = total is not None and index == total - 1
         state, out = train_step(state, batch, config, donate=True, last_batch=last)
-        n, loss, output, target = out.num_samples, out.loss, out.output, out.target
-        if real_samples is not None:
-            n = max(0, min(n, real_samples - seen))
-            seen += out.num_samples
-            if n < out.num_samples:
+        loss, output, target = out.loss, out.output, out.target
+        n = shard.take(out.num_samples)
+        if n < out.num_samples:
+            # DistributedSampler padding trains (as in torch) but is not logged
+            loss_of = getattr(config.objective, "loss_of", None)
+            if loss_of is None:
+                n = out.num_samples  # the loss cannot be recomputed on part of the batch
+            else:
                 output, target = trim_batch(output, n), trim_batch(target, n)
-                loss_of = getattr(config.objective, "loss_of", None)
-                if n and loss_of is not None:
+                if n:
                     with torch.no_grad():
                         loss = loss_of(output, target, state.epoch).detach()
-                elif loss_of is not None:
-                    loss = torch.zeros_like(loss)
-                else:
-                    n = out.num_samples  # an objective without loss_of: logged as trained
         if n:
             add_to_sums(
                 sums,
@@ -172,19 +168,13 @@ def run_val_epoch(
     hooks_begin = callbacks.wants("on_val_batch_begin")
     hooks_end = callbacks.wants("on_val_batch_end")
     index = -1
-    seen = 0
+    shard = ShardCounter(real_samples)
     for index, batch in enumerate(loader):
-        batch = move_to_device(batch, device)
-        if real_samples is not None:
-            from nnh.core import batch_size
-
-            n = batch_size(batch[0] if isinstance(batch, (list, tuple)) else batch)
-            k = max(0, min(n, real_samples - seen))
-            seen += n
-            if k == 0:
-                continue
-            if k < n:
-                batch = trim_batch(batch, k)
+        n = batch_size(batch)
+        k = shard.take(n)
+        if k == 0:
+            continue  # all DistributedSampler padding: never evaluated
+        batch = move_to_device(trim_batch(batch, k) if k < n else batch, device)
         if hooks_begin:
             callbacks.call("on_val_batch_begin", index, {"batch": batch})
         out = eval_step(state, batch, config, metrics=metrics)
