@@ -136,13 +136,6 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-
     _FAILURE_KEY = "nnh/failure"
 
     def fail(self, exc: BaseException) -> BaseException:

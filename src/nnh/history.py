@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import attrs
@@ -57,10 +56,6 @@ class History:
         self.val_metrics = {
             k: [float(x) for x in v] for k, v in state.get("val_metrics", {}).items()
         }
-
-    @property
-    def has_validation(self) -> bool:
-        return any(not math.isnan(v) for v in self.val_losses)
 
 
 def _append_metrics(store: dict[str, list[float]], values: dict[str, float], epoch: int) -> None:

@@ -60,7 +60,6 @@ def run_train_epoch(
     after_skip: Callable[[], None] | None = None,
     initial_sums: Mapping[str, Any] | None = None,
     on_step: Callable[[TrainState, int, EpochSums], None] | None = None,
-    num_batches: int | None = None,
     real_samples: int | None = None,
 ) -> EpochResult:
     """Train one epoch; returns the state after :func:`end_epoch` and the epoch sums.
@@ -88,7 +87,7 @@ def run_train_epoch(
     batch_hooks_begin = callbacks.wants("on_train_batch_begin")
     batch_hooks_end = callbacks.wants("on_train_batch_end")
     last_refresh = time.monotonic()
-    total = num_batches if num_batches is not None else _safe_len(loader)
+    total = _safe_len(loader)
     index = -1
     shard = ShardCounter(real_samples)
     for index, batch in enumerate(loader):

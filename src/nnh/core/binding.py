@@ -57,10 +57,6 @@ class ModuleBinding:
         """Whether the module already computes with exactly these TensorDicts."""
         return params is self.params and buffers is self.buffers
 
-    def adopt(self, params: TensorDict, buffers: TensorDict) -> None:
-        """Record that ``params``/``buffers`` alias the module's tensors already (no work)."""
-        self.params, self.buffers = params, buffers
-
     def bind(self, params: TensorDict, buffers: TensorDict) -> None:
         """Install ``params`` and ``buffers`` in the module (no copy)."""
         if self.is_bound(params, buffers):

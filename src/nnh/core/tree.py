@@ -1,8 +1,8 @@
 """Small helpers over flat TensorDicts of named tensors.
 
 The core keeps tensors in flat TensorDicts keyed by their ``named_parameters`` /
-``named_buffers`` names (dots allowed). These helpers clone them without losing the
-``nn.Parameter`` type or ``requires_grad`` flag and list their leaves for foreach calls.
+``named_buffers`` names (dots allowed). These helpers wrap mappings without copying and
+clone them without losing the ``nn.Parameter`` type or ``requires_grad`` flag.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-__all__ = ["clone_parameters", "clone_tensors", "flat_td", "leaves"]
+__all__ = ["clone_parameters", "clone_tensors", "flat_td"]
 
 
 def flat_td(tensors: Mapping[str, torch.Tensor]) -> TensorDict:
@@ -25,18 +25,6 @@ def flat_td(tensors: Mapping[str, torch.Tensor]) -> TensorDict:
         torch.Size([2])
     """
     return TensorDict(dict(tensors), batch_size=[])
-
-
-def leaves(td: TensorDict | None) -> list[torch.Tensor]:
-    """The leaf tensors of a flat TensorDict, in insertion order (empty for ``None``).
-
-    Example:
-        >>> len(leaves(flat_td({"a": torch.zeros(1), "b": torch.ones(1)})))
-        2
-    """
-    if td is None:
-        return []
-    return list(td.values())
 
 
 def clone_parameters(params: TensorDict) -> TensorDict:
