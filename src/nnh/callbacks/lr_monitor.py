@@ -27,8 +27,8 @@ class LearningRateMonitor(Callback):
     In both modes ``on_epoch_end`` also writes the epoch's last learning rate(s) into the
     epoch ``logs`` under the same keys, so loggers registered *after* this callback
     (:class:`~nnh.callbacks.CSVLogger`, :class:`~nnh.callbacks.TensorBoardLogger`) record
-    them. With a single group this replaces the handler's own ``logs["lr"]`` (which the
-    handler reads after stepping the scheduler, i.e. the next epoch's rate). Runs on every
+    them. With a single group this is the same value as the handler's own ``logs["lr"]``
+    (the rate the epoch trained with). Runs on every
     rank (``all_ranks = True``) so every rank's logs hold the same keys.
 
     Args:
