@@ -331,3 +331,17 @@ def test_print_summary_and_plots(tmp_path):
     for name in ("loss.png", "metric_acc.png"):
         image = mpimg.imread(tmp_path / name)
         assert image.shape[0] > 200 and image.shape[1] > 300 and image.std() > 0.01
+
+
+def test_fp16_autocast_with_loss_scaler_trains_and_the_scaler_survives_a_checkpoint(tmp_path):
+    h = classifier()
+    h.train(epochs=2, use_amp="fp16", gradient_clipping_norm=1.0, progress_bar=False)
+    assert h.state.scaler is not None and float(h.state.scaler["scale"]) == 2.0**16
+    assert h.state.step + h.state.skipped_steps == 2 * math.ceil(120 / 16)
+    assert h.train_losses[1] < h.train_losses[0]
+    h.save(str(tmp_path / "fp16.pth"))
+    g = NNHandler.load(str(tmp_path / "fp16.pth"))
+    assert torch.equal(g.state.scaler["scale"], h.state.scaler["scale"])
+    assert torch.equal(g.state.scaler["growth_tracker"], h.state.scaler["growth_tracker"])
+    h.train(epochs=1, progress_bar=False)  # AMP off again: the scaler is dropped
+    assert h.state.scaler is None
