@@ -394,6 +394,12 @@ class NNHandler:
 
         An optimizer or scheduler already set is rebuilt, with the same options, for the new
         model; its state and the training record start afresh.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_model(nn.Linear, in_features=2, out_features=3)
+            >>> h.module.out_features
+            3
         """
         _check_model_kwargs(model_class, model_kwargs)
         if model_type is not None:
@@ -447,6 +453,12 @@ class NNHandler:
 
         Any ``torch.optim.Optimizer`` subclass works (not LBFGS, which needs a closure);
         pass ``params=[{"params": [names or parameters], ...}, ...]`` for param groups.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9)
+            >>> type(h.optimizer).__name__, h.optimizer.param_groups[0]["momentum"]
+            ('SGD', 0.9)
         """
         adapter = OptimizerAdapter.create(optimizer_class, self.module, **optimizer_kwargs)
         self._optimizer_spec = (optimizer_class, dict(optimizer_kwargs))
@@ -461,6 +473,13 @@ class NNHandler:
 
         It steps once per epoch after validation; ``ReduceLROnPlateau`` gets the validation
         loss (the training loss when there is no validation loader).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1)
+            >>> h.set_scheduler(torch.optim.lr_scheduler.StepLR, step_size=2)
+            >>> type(h.scheduler).__name__
+            'StepLR'
         """
         if scheduler_class is None:
             self._scheduler, self._scheduler_spec = None, None
@@ -479,7 +498,14 @@ class NNHandler:
     def set_loss_fn(
         self, loss_fn: Callable[..., torch.Tensor], pass_epoch_to_loss: bool = False, **kwargs: Any
     ) -> None:
-        """``loss_fn(output, target, **kwargs)`` (and ``epoch=`` when asked and accepted)."""
+        """``loss_fn(output, target, **kwargs)`` (and ``epoch=`` when asked and accepted).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_loss_fn(nn.functional.huber_loss, delta=0.5)
+            >>> h.loss_fn_kwargs
+            {'delta': 0.5}
+        """
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         self._loss_fn = loss_fn
@@ -513,15 +539,37 @@ class NNHandler:
         """Training data: a Dataset plus DataLoader options, or a ready DataLoader.
 
         In DDP mode a Dataset is sharded with a DistributedSampler (``shuffle`` honoured).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> from torch.utils.data import TensorDataset
+            >>> h.set_train_loader(TensorDataset(torch.zeros(10, 2), torch.zeros(10, 1)), batch_size=4)
+            >>> len(h.train_loader)
+            3
         """
         self._train_loader = self._make_loader("train", dataset, loader_kwargs)
 
     def set_val_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
-        """Validation data: a Dataset plus DataLoader options, or a ready DataLoader."""
+        """Validation data: a Dataset plus DataLoader options, or a ready DataLoader.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> from torch.utils.data import TensorDataset
+            >>> h.set_val_loader(TensorDataset(torch.zeros(6, 2), torch.zeros(6, 1)), batch_size=6)
+            >>> len(h.val_loader)
+            1
+        """
         self._val_loader = self._make_loader("val", dataset, loader_kwargs)
 
     def add_metric(self, name: str, metric_fn: Callable[[Any, Any], Any]) -> None:
-        """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean)."""
+        """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.add_metric("mae", lambda out, y: (out - y).abs().mean())
+            >>> list(h.metrics)
+            ['mae']
+        """
         if not isinstance(name, str) or not name:
             raise ValueError("a metric needs a non-empty string name")
         if name in ("loss", "epoch", "lr") or name.startswith("val_"):
@@ -531,11 +579,26 @@ class NNHandler:
         self._metrics[name] = metric_fn
 
     def clear_metrics(self) -> None:
-        """Remove every registered metric (their history stays)."""
+        """Remove every registered metric (their history stays).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.add_metric("mae", lambda out, y: (out - y).abs().mean())
+            >>> h.clear_metrics(); h.metrics
+            {}
+        """
         self._metrics.clear()
 
     def add_callback(self, callback: Callback) -> None:
-        """Register a :class:`~nnh.Callback` instance."""
+        """Register a :class:`~nnh.Callback` instance.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> from nnh.callbacks import EpochTimer
+            >>> h.add_callback(EpochTimer())
+            >>> [type(c).__name__ for c in h.callbacks]
+            ['EpochTimer']
+        """
         if not isinstance(callback, Callback):
             raise TypeError(f"callbacks must subclass nnh.Callback, got {type(callback).__name__}")
         callback.set_handler(self)
@@ -553,6 +616,12 @@ class NNHandler:
         never) to ``save_path/name.pth``. ``name`` is a format string over ``epoch`` and the
         epoch's logged values. ``overwrite`` deletes the previous file once the new one is
         safely written. ``every_n_steps`` also writes a mid-epoch resume checkpoint.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.auto_save(5, save_path="ckpt", name="run_{epoch:03d}", overwrite=True)
+            >>> h.save_interval, h.save_path, h.overwrite_last_saved
+            (5, 'ckpt', True)
         """
         saver = AutoSaver(
             interval=interval,
@@ -727,6 +796,14 @@ class NNHandler:
             debug_print_interval: log the batch loss every N batches (forces a sync then).
             save_on_last_epoch: save through the AutoSaver after the last epoch.
             epoch_train_and_val_pbar: also show per-epoch batch bars for train and val.
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1); h.set_loss_fn(nn.functional.mse_loss)
+            >>> h.set_train_loader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> h.train(epochs=2, progress_bar=False); len(h.train_losses)
+            2
         """
         if not isinstance(epochs, int) or epochs < 0:
             raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -1003,6 +1080,17 @@ class NNHandler:
         configuration, callbacks, AutoSaver, SDE/sampler, model type, seed, RNG states and
         versions. ``TensorDataset`` training/validation data is embedded (up to 256 MiB)
         unless ``include_datasets=False``.
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1); h.set_loss_fn(nn.functional.mse_loss)
+            >>> h.set_train_loader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> import os, tempfile
+            >>> path = os.path.join(tempfile.mkdtemp(), "run.pth")
+            >>> h.train(epochs=1, progress_bar=False); h.save(path)
+            >>> NNHandler.load(path).train_losses == h.train_losses
+            True
         """
         self._save_to(path, resume=None, include_datasets=include_datasets)
 
@@ -1039,6 +1127,13 @@ class NNHandler:
 
         ``NNHandler.load(step_checkpoint).resume_training()`` ends bitwise equal to the run
         that was interrupted (CPU; same data and code).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.resume_training()
+            Traceback (most recent call last):
+                ...
+            RuntimeError: this handler was not loaded from a mid-epoch (step) checkpoint; call train()
         """
         if self._resume is None:
             raise RuntimeError(
@@ -1067,6 +1162,18 @@ class NNHandler:
         ``skip_*`` leave that part at its fresh default. Stored model source is executed
         only with ``trust_model_code=True`` (when the class can no longer be imported).
         In DDP every rank loads onto its own device.
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1); h.set_loss_fn(nn.functional.mse_loss)
+            >>> h.set_train_loader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> import os, tempfile
+            >>> path = os.path.join(tempfile.mkdtemp(), "run.pth")
+            >>> h.save(path)
+            >>> g = NNHandler.load(path, skip_optimizer=True)
+            >>> torch.equal(g.module.weight, h.module.weight), len(g.optimizer.state)
+            (True, 0)
         """
         from nnh.checkpoint import load_checkpoint, strip_wrapper_prefixes
         from nnh.persistence import apply_payload, resolve_model_class
@@ -1115,7 +1222,17 @@ class NNHandler:
         **model_kwargs: Any,
     ) -> NNHandler:
         """A new handler with only the model weights of ``checkpoint_path`` (a bare
-        ``state_dict`` or a full checkpoint); no optimizer, history or the rest."""
+        ``state_dict`` or a full checkpoint); no optimizer, history or the rest.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> import os, tempfile
+            >>> path = os.path.join(tempfile.mkdtemp(), "weights.pth")
+            >>> torch.save(h.module.state_dict(), path)
+            >>> g = NNHandler.initialize_from_checkpoint(path, nn.Linear, in_features=2, out_features=1)
+            >>> torch.equal(g.module.weight, h.module.weight), g.optimizer is None
+            (True, True)
+        """
         from nnh.checkpoint import load_model_state, load_weights_file, strip_wrapper_prefixes
 
         weights = load_weights_file(checkpoint_path, map_location="cpu")
@@ -1136,7 +1253,13 @@ class NNHandler:
 
     # ------------------------------------------------------------------ evaluation
     def eval(self, activate: bool = True, log: bool = True) -> None:
-        """Evaluation mode (``activate=True``) or training mode; kept-eval modules stay eval."""
+        """Evaluation mode (``activate=True``) or training mode; kept-eval modules stay eval.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.eval(); h.module.training
+            False
+        """
         if activate:
             self.module.eval()
         else:
@@ -1145,7 +1268,14 @@ class NNHandler:
             self._log(f"model set to {'eval' if activate else 'train'} mode")
 
     def keep_eval_on_module(self, module: nn.Module, activate: bool = True) -> None:
-        """Keep ``module`` in eval mode through training (``activate=False`` releases it)."""
+        """Keep ``module`` in eval mode through training (``activate=False`` releases it).
+
+        Example:
+            >>> h = NNHandler(nn.Sequential, model_type="regression")
+            >>> bn = nn.BatchNorm1d(2)
+            >>> h.keep_eval_on_module(bn); h.eval(activate=False); bn.training
+            False
+        """
         if not isinstance(module, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
         if activate:
@@ -1156,7 +1286,13 @@ class NNHandler:
             self._keep_eval = [m for m in self._keep_eval if m is not module]
 
     def freeze_module(self, module: nn.Module, verbose: bool = False) -> None:
-        """``requires_grad = False`` for every parameter of ``module``."""
+        """``requires_grad = False`` for every parameter of ``module``.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.freeze_module(h.module); h.count_parameters()
+            0
+        """
         if not isinstance(module, nn.Module):
             raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
         count = 0
@@ -1207,6 +1343,15 @@ class NNHandler:
         Batches are ``(input, [target], *extra)`` like in training (a lone tensor is the
         input). EMA weights are used when ``apply_ema`` and EMA exists, then restored. In DDP,
         rank 0 returns the outputs of every sample once, in dataset order; other ranks None.
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1); h.set_loss_fn(nn.functional.mse_loss)
+            >>> h.set_train_loader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> outputs = h.predict(h.train_loader)
+            >>> len(outputs), outputs[0].shape
+            (2, torch.Size([4, 1]))
         """
         if not isinstance(data_loader, DataLoader):
             data_loader = DataLoader(data_loader, batch_size=64)
@@ -1235,14 +1380,28 @@ class NNHandler:
         return gather_predictions(self._dist, outputs, data_loader)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward pass through the model: ``handler(x)``."""
+        """Forward pass through the model: ``handler(x)``.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h(torch.zeros(4, 2)).shape
+            torch.Size([4, 1])
+        """
         if self._model is None:
             raise RuntimeError("no model is set; call set_model first")
         return self._model(*args, **kwargs)
 
     # ------------------------------------------------------------------ generative models
     def set_sde(self, sde_class: type, **sde_kwargs: Any) -> None:
-        """Use ``sde_class(**sde_kwargs)`` (e.g. ``VPSDE``) for score-based training and sampling."""
+        """Use ``sde_class(**sde_kwargs)`` (e.g. ``VPSDE``) for score-based training and sampling.
+
+        Example:
+            >>> from nnh.generative import VPSDE
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_sde(VPSDE, beta_max=10.0)
+            >>> h.sde.beta_max
+            10.0
+        """
         try:
             self.sde = sde_class(**sde_kwargs)
         except TypeError as err:
@@ -1252,7 +1411,17 @@ class NNHandler:
             ) from err
 
     def set_sampler(self, sampler_class: type, **sampler_kwargs: Any) -> None:
-        """Use ``sampler_class(**sampler_kwargs)`` (a :class:`nnh.Sampler`) for ``get_samples``."""
+        """Use ``sampler_class(**sampler_kwargs)`` (a :class:`nnh.Sampler`) for ``get_samples``.
+
+        Example:
+            >>> from nnh.sampler import Sampler
+            >>> class Zeros(Sampler):
+            ...     def sample(self, N, device=None):
+            ...         return torch.zeros(N, 2)
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_sampler(Zeros); h.get_samples(3).shape
+            torch.Size([3, 2])
+        """
         try:
             self.sampler = sampler_class(**sampler_kwargs)
         except TypeError as err:
@@ -1262,7 +1431,17 @@ class NNHandler:
             ) from err
 
     def get_samples(self, N: int, device: torch.device | str | None = None) -> Any:
-        """``N`` samples from the custom sampler (rank 0; ``None`` on other ranks)."""
+        """``N`` samples from the custom sampler (rank 0; ``None`` on other ranks).
+
+        Example:
+            >>> from nnh.sampler import Sampler
+            >>> class Ones(Sampler):
+            ...     def sample(self, N, device=None):
+            ...         return torch.ones(N)
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_sampler(Ones); h.get_samples(2).tolist()
+            [1.0, 1.0]
+        """
         if self._sampler is None:
             raise RuntimeError("no sampler: call set_sampler(SamplerClass, **kwargs) first")
         if not self._dist.is_main:
@@ -1277,7 +1456,20 @@ class NNHandler:
         return self._sde
 
     def score(self, t: torch.Tensor, x: torch.Tensor, *args: Any) -> torch.Tensor:
-        """``s(t, x) = model(t, x, *args) / sigma(t)``: the model outputs sigma(t) times the score."""
+        """``s(t, x) = model(t, x, *args) / sigma(t)``: the model outputs sigma(t) times the score.
+
+        Example:
+            >>> from nnh.generative import VPSDE
+            >>> class Zero(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.w = nn.Parameter(torch.zeros(()))
+            ...     def forward(self, t, x):
+            ...         return self.w * x
+            >>> h = NNHandler(Zero, model_type="score_based"); h.set_sde(VPSDE)
+            >>> h.score(torch.full((3,), 0.5), torch.ones(3, 2)).abs().sum().item()
+            0.0
+        """
         from nnh.generative.sde import as_time_tensor, expand_time
 
         sde = self._require_sde("score")
@@ -1303,6 +1495,18 @@ class NNHandler:
         adds ``guidance_factor`` times its value to the score. The last step returns the
         noise-free mean. Rank 0 only (``None`` elsewhere). Noise comes from the global
         generator (seed it with ``handler.seed``).
+
+        Example:
+            >>> from nnh.generative import VPSDE
+            >>> class Zero(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.w = nn.Parameter(torch.zeros(()))
+            ...     def forward(self, t, x):
+            ...         return self.w * x
+            >>> h = NNHandler(Zero, model_type="score_based"); h.set_sde(VPSDE)
+            >>> h.sample((5, 2), steps=10, bar=False).shape
+            torch.Size([5, 2])
         """
         from nnh.generative.sampling import sample_reverse_sde
 
@@ -1360,6 +1564,18 @@ class NNHandler:
         product per drift evaluation. ``method``: ``'Euler'`` (``ode_steps`` evaluations),
         ``'Heun'`` (``2 * ode_steps``) or ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to
         ``sde.epsilon``/``sde.T``. Rank 0 only.
+
+        Example:
+            >>> from nnh.generative import VPSDE
+            >>> class Zero(nn.Module):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.w = nn.Parameter(torch.zeros(()))
+            ...     def forward(self, t, x):
+            ...         return self.w * x
+            >>> h = NNHandler(Zero, model_type="score_based"); h.set_sde(VPSDE)
+            >>> h.log_likelihood(torch.zeros(3, 2), ode_steps=4, method="Heun").shape
+            torch.Size([3])
         """
         from nnh.generative.divergence import sample_probes
         from nnh.generative.likelihood import log_likelihood_ode
@@ -1404,7 +1620,14 @@ class NNHandler:
 
     # ------------------------------------------------------------------ utilities
     def compile_model(self, **kwargs: Any) -> None:
-        """``torch.compile`` the model (options as keywords); ``module`` stays the plain one."""
+        """``torch.compile`` the model (options as keywords); ``module`` stays the plain one.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.compile_model(backend="eager")
+            >>> h.model is not h.module
+            True
+        """
         if not hasattr(torch, "compile"):
             raise RuntimeError("torch.compile needs PyTorch 2.0 or newer")
         self._model = torch.compile(self._model, **kwargs)
@@ -1412,13 +1635,29 @@ class NNHandler:
         self._log(f"model compiled with {kwargs or 'default options'}")
 
     def count_parameters(self, trainable_only: bool = True) -> int:
-        """Number of (trainable) parameters of the plain module."""
+        """Number of (trainable) parameters of the plain module.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.count_parameters(), h.count_parameters(trainable_only=False)
+            (3, 3)
+        """
         return sum(
             p.numel() for p in self.module.parameters() if p.requires_grad or not trainable_only
         )
 
     def plot_losses(self, log_y_scale: bool = False, save_path: str | None = None) -> Any:
-        """Training and validation loss per epoch (rank 0; returns the Figure)."""
+        """Training and validation loss per epoch (rank 0; returns the Figure).
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1); h.set_loss_fn(nn.functional.mse_loss)
+            >>> h.set_train_loader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> h.train(epochs=2, progress_bar=False)
+            >>> h.plot_losses(log_y_scale=True).axes[0].get_yscale()
+            'log'
+        """
         if not self._dist.is_main:
             return None
         from nnh.plotting import plot_losses
@@ -1426,7 +1665,18 @@ class NNHandler:
         return plot_losses(self._history, log_y_scale=log_y_scale, save_path=save_path)
 
     def plot_metrics(self, log_y_scale: bool = False, save_path_prefix: str | None = None) -> Any:
-        """One figure per metric, training and validation (rank 0; returns the Figures)."""
+        """One figure per metric, training and validation (rank 0; returns the Figures).
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1); h.set_loss_fn(nn.functional.mse_loss)
+            >>> h.set_train_loader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> h.add_metric("mae", lambda out, y: (out - y).abs().mean())
+            >>> h.train(epochs=2, progress_bar=False)
+            >>> sorted(h.plot_metrics())
+            ['mae']
+        """
         if not self._dist.is_main:
             return None
         from nnh.plotting import plot_metrics
@@ -1436,7 +1686,13 @@ class NNHandler:
         )
 
     def print(self, show_model_structure: bool = False) -> str:
-        """A summary of the handler's configuration and progress."""
+        """A summary of the handler's configuration and progress.
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> "Linear" in h.print()
+            True
+        """
         from nnh.summary import summarize
 
         return summarize(self, show_model_structure=show_model_structure)
