@@ -515,7 +515,4 @@ def _restore_train_state(
         else flat_td({k: v.to(device) for k, v in grads.items()}),
         **counters,
     )
-    if state.grads is not None:
-        for name, g in state.grads.items():
-            state.params[name].grad = g
-    h._state = state
+    h._state = state  # the first step binds it, installing an open window's gradients

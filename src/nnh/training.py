@@ -35,7 +35,6 @@ class EpochResult:
 
     state: TrainState | None
     sums: EpochSums
-    batches: int
 
 
 def _running_loss(sums: EpochSums) -> float:
@@ -88,7 +87,6 @@ def run_train_epoch(
     batch_hooks_end = callbacks.wants("on_train_batch_end")
     last_refresh = time.monotonic()
     total = _safe_len(loader)
-    index = -1
     shard = ShardCounter(real_samples)
     for index, batch in enumerate(loader):
         if index < skip_batches:
@@ -145,7 +143,7 @@ def run_train_epoch(
                 f"{epoch_label} batch {index + 1}: loss {float(out.loss):.6g} (running {_running_loss(sums):.6g})"
             )
     state = end_epoch(state, config, donate=True)
-    return EpochResult(state=state, sums=sums, batches=index + 1)
+    return EpochResult(state=state, sums=sums)
 
 
 def run_val_epoch(
@@ -166,7 +164,6 @@ def run_val_epoch(
     sums = new_sums(list(metrics), device)
     hooks_begin = callbacks.wants("on_val_batch_begin")
     hooks_end = callbacks.wants("on_val_batch_end")
-    index = -1
     shard = ShardCounter(real_samples)
     for index, batch in enumerate(loader):
         n = batch_size(batch)
@@ -186,7 +183,7 @@ def run_val_epoch(
             )
         if progress is not None:
             progress.update(1)
-    return EpochResult(state=None, sums=sums, batches=index + 1)
+    return EpochResult(state=None, sums=sums)
 
 
 def _safe_len(loader: Any) -> int | None:
