@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import os
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -171,11 +172,27 @@ class DistContext:
         return out
 
 
+_EXITED_KEY = "nnh/exited"
+_EXIT_WAIT_S = 10.0
+
+
 def _destroy_at_exit() -> None:
-    """Tear down the group nnh created, so the process exits cleanly (best effort)."""
-    if dist.is_available() and dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+    """Tear down the group nnh created, so the process exits cleanly (best effort).
+
+    Without torchrun (Slurm, plain env://) rank 0's process hosts the rendezvous store; if it
+    exited first, the other ranks' teardown would talk to a vanished store and abort. So
+    every rank reports to the store after its teardown, and rank 0 waits (bounded) for all.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(Exception):
+        store = dist.distributed_c10d._get_default_store()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        dist.destroy_process_group()
+        store.add(_EXITED_KEY, 1)
+        deadline = time.monotonic() + _EXIT_WAIT_S
+        while rank == 0 and store.add(_EXITED_KEY, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def setup_distributed(
