@@ -103,7 +103,7 @@ def test_kill_9_mid_epoch_resumes_bitwise_from_step_checkpoint(straight, tmp_pat
         return epoch == 3 and batch >= 2
 
     _kill_when(proc, mid_epoch_three)
-    step_ckpt = tmp_path / "run_step.pth"
+    (step_ckpt,) = tmp_path.glob("run.step-*.pth")  # one recovery file for the run
     resume = load_checkpoint(step_ckpt)["resume"]
     assert resume["epoch"] == 3 and 0 < resume["batch_offset"] < 8  # really mid-epoch
     out = tmp_path / "final.pth"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,12 @@ class AutoSaver:
     ``interval``: save every N epochs (counted from 1); ``-1`` after the last epoch only;
     ``0``/``None`` never. ``name`` is a format string over ``epoch`` and the epoch's logged
     values (``loss``, ``val_loss``, metrics, ``lr``); ``.pth`` is added when absent.
-    ``overwrite`` deletes the previous file once the new one is safely written.
-    ``every_n_steps`` also writes a mid-epoch checkpoint every N micro-steps to
-    ``save_path/<name stem>_step.pth`` (one file, replaced atomically) for exact resume.
+    ``overwrite`` deletes the previous file once the new one is safely written, and only if
+    it is a checkpoint this run wrote in ``save_path`` (see :mod:`nnh.checkpoint.ownership`).
+    ``every_n_steps`` also writes a mid-epoch checkpoint every N micro-steps to one file per
+    name pattern, :meth:`step_path` (replaced atomically), for exact resume.
+    ``from_checkpoint`` marks a configuration read from a file rather than set by the user:
+    its automatic saves then replace only files this run wrote.
 
     Example:
         >>> saver = AutoSaver(interval=2, save_path="ckpt", name="m_{epoch:03d}_{loss:.2f}")
@@ -41,6 +46,8 @@ class AutoSaver:
         'ckpt/m_004_0.12.pth'
         >>> saver.due(4, final=False), saver.due(3, final=False)
         (True, False)
+        >>> saver.step_path().as_posix()
+        'ckpt/m_epoch_loss.step-e2b53010.pth'
     """
 
     interval: int | None = None
@@ -49,6 +56,7 @@ class AutoSaver:
     overwrite: bool = False
     every_n_steps: int | None = None
     last_saved: str | None = None
+    from_checkpoint: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if self.interval is not None and (not isinstance(self.interval, int) or self.interval < -1):
@@ -99,21 +107,41 @@ class AutoSaver:
         return Path(self.save_path) / name
 
     def step_path(self) -> Path:
-        """The single mid-epoch checkpoint file."""
-        stem = self.name.split("{")[0].rstrip("_-") or "model"
-        return Path(self.save_path) / f"{stem}_step.pth"
+        """The mid-epoch checkpoint file of this name pattern.
 
-    def after_save(self, path: Path) -> AutoSaver:
-        """Delete the previous file when overwriting (only after the new one is written)."""
+        Readable (the pattern with its fields' names, ``exp_{epoch}_A`` gives
+        ``exp_epoch_A``) and unique per pattern (a short hash of the whole pattern), so two
+        runs with different names in one folder never share a recovery file.
+        """
+        readable = re.sub(r"\{([^{}:!]*)[^{}]*\}", r"\1", self.name)
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("._-") or "model"
+        tag = hashlib.sha256(self.name.encode("utf-8")).hexdigest()[:8]
+        return Path(self.save_path) / f"{readable}.step-{tag}.pth"
+
+    def after_save(self, path: Path, run_id: str) -> AutoSaver:
+        """Record ``path``; when overwriting, delete the previous file if this run wrote it.
+
+        Only a checkpoint of run ``run_id`` inside ``save_path`` is deleted (never a file a
+        checkpoint merely names); anything else is left where it is.
+        """
+        from nnh.checkpoint.ownership import remove_owned
+
         previous = self.last_saved
         if self.overwrite and previous and Path(previous).resolve() != Path(path).resolve():
-            Path(previous).unlink(missing_ok=True)
+            remove_owned(previous, folder=self.save_path, run_id=run_id)
         return attrs.evolve(self, last_saved=str(path))
 
     def state_dict(self) -> dict[str, Any]:
-        return attrs.asdict(self)
+        return {k: v for k, v in attrs.asdict(self).items() if k != "from_checkpoint"}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> AutoSaver:
-        fields = {f.name for f in attrs.fields(cls)}
-        return cls(**{k: v for k, v in state.items() if k in fields})
+        """Rebuild a saved configuration (marked ``from_checkpoint``); bad values raise."""
+        fields = {f.name for f in attrs.fields(cls)} - {"from_checkpoint"}
+        values = {k: v for k, v in state.items() if k in fields}
+        for key in ("save_path", "name", "last_saved"):
+            if values.get(key) is not None and not isinstance(values[key], str):
+                raise ValueError(f"auto_saver {key!r} must be a string, got {values[key]!r}")
+        if not isinstance(values.get("overwrite", False), bool):
+            raise ValueError(f"auto_saver 'overwrite' must be a bool, got {values['overwrite']!r}")
+        return cls(**values, from_checkpoint=True)

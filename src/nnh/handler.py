@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from nnh.autosaver import AutoSaver
 from nnh.callbacks.base import Callback, CallbackList
+from nnh.checkpoint.ownership import new_run_id
 from nnh.core import (
     LossScaler,
     OptimizerAdapter,
@@ -44,6 +45,7 @@ from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
 from nnh.persistence import capture_rng, restore_rng
+from nnh.saving import NonFiniteStateError, check_resume_batch_size, write_checkpoint
 from nnh.training import run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
@@ -145,6 +147,7 @@ class NNHandler:
         self._resume: dict[str, Any] | None = None
         self._epoch_start_rng: dict[str, Any] | None = None
         self._target_epoch = 0
+        self._run_id = new_run_id()
         self.stop_training = False
         self.set_model(
             model_class, save_model_code=save_model_code, model_type=None, **model_kwargs
@@ -302,7 +305,9 @@ class NNHandler:
 
     @save_path.setter
     def save_path(self, value: str) -> None:
-        self._auto_saver = attrs.evolve(self._auto_saver, save_path=str(value))
+        self._auto_saver = attrs.evolve(
+            self._auto_saver, save_path=str(value), from_checkpoint=False
+        )
 
     @property
     def save_model_name(self) -> str:
@@ -310,7 +315,7 @@ class NNHandler:
 
     @save_model_name.setter
     def save_model_name(self, value: str) -> None:
-        self._auto_saver = attrs.evolve(self._auto_saver, name=value)
+        self._auto_saver = attrs.evolve(self._auto_saver, name=value, from_checkpoint=False)
         self._auto_saver.check_name(self._log_keys())
 
     @property
@@ -634,9 +639,10 @@ class NNHandler:
         self._auto_saver = saver
 
     def _log_keys(self) -> set[str]:
-        keys = {"epoch", "loss", "val_loss", "lr", "step"}
-        for name in self._metrics:
-            keys |= {name, f"val_{name}"}
+        """The fields an epoch's logs will hold (validation ones only with a val loader)."""
+        keys = {"epoch", "loss", "lr", *self._metrics}
+        if self._val_loader is not None:
+            keys |= {"val_loss", *(f"val_{name}" for name in self._metrics)}
         return keys
 
     # ------------------------------------------------------------------ training
@@ -814,6 +820,8 @@ class NNHandler:
                 f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}"
             )
         self._check_ready()
+        if self._resume is not None:
+            check_resume_batch_size(self._resume, self._train_loader)
         self._last_train_kwargs = {
             "validate_every": validate_every,
             "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -1046,12 +1054,21 @@ class NNHandler:
             resume = {
                 "epoch": epoch,
                 "batch_offset": index + 1,
+                "batch_size": getattr(self._train_loader, "batch_size", None),
                 "epoch_start_rng": self._epoch_start_rng,
                 "step_rng": capture_rng(),
                 "sums": {"loss": sums.loss, "count": sums.count, "metrics": dict(sums.metrics)},
                 "target_epoch": self._target_epoch,
             }
-            self._save_to(str(self._auto_saver.step_path()), resume=resume)
+            try:
+                write_checkpoint(
+                    self,
+                    str(self._auto_saver.step_path()),
+                    resume=resume,
+                    guard_replace=self._auto_saver.from_checkpoint,
+                )
+            except NonFiniteStateError as err:
+                self._warn(str(err))
 
         return on_step
 
@@ -1068,9 +1085,9 @@ class NNHandler:
     def _save_auto(self, logs: dict[str, Any]) -> None:
         saver = self._auto_saver
         path = saver.path_for(logs)
-        self.save(str(path))
+        write_checkpoint(self, str(path), guard_replace=saver.from_checkpoint)
         if self._dist.is_main:
-            self._auto_saver = saver.after_save(path)
+            self._auto_saver = saver.after_save(path, self._run_id)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str, include_datasets: bool = True) -> None:
@@ -1097,23 +1114,7 @@ class NNHandler:
     def _save_to(
         self, path: str, *, resume: dict[str, Any] | None, include_datasets: bool = True
     ) -> None:
-        from nnh.checkpoint import atomic_save
-        from nnh.persistence import handler_payload
-
-        error: BaseException | None = None
-        if self._dist.is_main:
-            try:
-                atomic_save(
-                    handler_payload(self, include_datasets=include_datasets, resume=resume), path
-                )
-                self._log(f"saved {path}")
-            except BaseException as err:  # every rank must learn of it
-                error = err
-        failed = self._dist.any_true(error is not None, self._device)
-        if error is not None:
-            raise error
-        if failed:
-            raise RuntimeError(f"saving {path} failed on rank 0; see its error")
+        write_checkpoint(self, path, resume=resume, include_datasets=include_datasets)
 
     @property
     def remaining_epochs(self) -> int:
@@ -1161,7 +1162,10 @@ class NNHandler:
 
         ``skip_*`` leave that part at its fresh default. Stored model source is executed
         only with ``trust_model_code=True`` (when the class can no longer be imported).
-        In DDP every rank loads onto its own device.
+        In DDP every rank loads onto its own device. The file is treated as data from a
+        stranger: checksums are verified, every section's shape and every class or
+        function it names are checked before anything is called (:mod:`nnh.loading`);
+        with ``strict_load=False`` missing or unexpected weights are listed in a warning.
 
         Example:
             >>> from torch.utils.data import TensorDataset
@@ -1175,30 +1179,12 @@ class NNHandler:
             >>> torch.equal(g.module.weight, h.module.weight), len(g.optimizer.state)
             (True, 0)
         """
-        from nnh.checkpoint import load_checkpoint, strip_wrapper_prefixes
-        from nnh.persistence import apply_payload, resolve_model_class
+        from nnh.loading import load_handler
 
-        target = torch.device(device) if device is not None else None
-        payload = load_checkpoint(path, map_location="cpu")
-        model = payload["model"]
-        model_class = resolve_model_class(model, str(path), trust_model_code)
-        weights = strip_wrapper_prefixes(payload["model_state_dict"])
-        payload["model_state_dict"] = weights
-        token = _CHECKPOINT_TENSORS.set(frozenset(weights))
-        try:
-            handler = cls(
-                model_class,
-                device=target if target is not None else "cpu",
-                model_type=model["type"],
-                save_model_code=model.get("source") is not None,
-                **model["kwargs"],
-            )
-        finally:
-            _CHECKPOINT_TENSORS.reset(token)
-        apply_payload(
-            handler,
-            payload,
-            str(path),
+        return load_handler(
+            cls,
+            path,
+            device=device,
             strict_load=strict_load,
             skip_optimizer=skip_optimizer,
             skip_scheduler=skip_scheduler,
@@ -1206,10 +1192,8 @@ class NNHandler:
             skip_callbacks=skip_callbacks,
             skip_sampler_sde=skip_sampler_sde,
             skip_ema=skip_ema,
+            trust_model_code=trust_model_code,
         )
-        handler._dist.barrier()
-        handler._log(f"loaded {path} (epoch {handler._state.epoch if handler._state else 0})")
-        return handler
 
     @classmethod
     def initialize_from_checkpoint(

@@ -1,19 +1,22 @@
-"""What a handler checkpoint holds, and how a handler is rebuilt from one.
+"""What a handler checkpoint holds (the save side; :mod:`nnh.loading` rebuilds a handler).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (it loads with
 ``torch.load(weights_only=True)``). Classes and functions are recorded by import path and
-resolved on load; nothing stored executes unless the user opts in to stored model code.
+resolved on load, type-checked against their slot; nothing stored executes unless the user
+opts in to stored model code.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
     nnh_format, versions                 header (nnh.checkpoint.format)
+    integrity    {algorithm, tensors, digest}            checksums (nnh.checkpoint.integrity)
+    run          {id}                                    the run that wrote the file
     model        {class, kwargs, type, source?, frozen, keep_eval, compile}
     model_state_dict                     plain-module keys
     train_state  {counters, ema?, scaler?, grads?}      the core record (less params/opt)
     optimizer    {class, kwargs, state_dict}             torch's own optimizer state dict
     scheduler    {class, kwargs, state_dict}
-    loss         {fn, kwargs, pass_epoch}                fn: import path or None
-    metrics      {name: import path or None}
+    loss         {fn, kwargs, pass_epoch}                fn: a callable record or None
+    metrics      {name: callable record or None}         (nnh.checkpoint.callables)
     callbacks    [{class, config, state}]
     history, auto_saver, seed, rng, loss_scaler
     data         {train|val: {dataset?, loader_kwargs, generator_state?}}
@@ -26,7 +29,6 @@ from __future__ import annotations
 import logging
 import random
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -39,14 +41,9 @@ from nnh.checkpoint import (
     capture_model_source,
     import_path,
     is_importable,
-    load_model_state,
-    make_header,
-    rebuild_class_from_source,
-    resolve_import_path,
-    strip_wrapper_prefixes,
 )
+from nnh.checkpoint.callables import NotRecordable, callable_record, is_plain
 from nnh.core import TrainState
-from nnh.core.tree import flat_td
 
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
@@ -92,17 +89,35 @@ def _path_or_none(obj: Any, what: str, warn: bool = True) -> str | None:
     return None
 
 
-def _plain(value: Any) -> bool:
-    """Whether ``value`` is storable under weights_only (recursively)."""
-    if value is None or isinstance(
-        value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size)
-    ):
-        return True
-    if isinstance(value, (list, tuple)):
-        return all(_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, (str, int)) and _plain(v) for k, v in value.items())
-    return False
+_plain = is_plain
+
+
+def _callable_or_none(h: NNHandler, fn: Any, what: str) -> dict[str, Any] | None:
+    """The checkpoint record of a loss or metric; warn (once per object) when it has none."""
+    try:
+        record = callable_record(fn)
+    except NotRecordable as err:
+        _warn_once(
+            h, fn, f"{what} cannot be saved by import path ({err}); after loading, set it again"
+        )
+        return None
+    if record.get("function", record.get("class", "")).startswith("__main__."):
+        _warn_once(
+            h,
+            fn,
+            f"{what} is defined in the script being run ({record.get('function') or record.get('class')}): "
+            "the checkpoint restores it only when loaded from that same script; move it into an "
+            "importable module to load it anywhere",
+        )
+    return record
+
+
+def _warn_once(h: NNHandler, obj: Any, message: str) -> None:
+    seen = h.__dict__.setdefault("_nnh_save_warnings", set())
+    key = (id(obj), message)
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, stacklevel=5)
 
 
 def _plain_kwargs(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
@@ -204,7 +219,7 @@ def handler_payload(
             "module level in an importable module, or construct the handler with save_model_code=True"
         )
     names = {id(m): n for n, m in module.named_modules()}
-    payload: dict[str, Any] = dict(make_header())
+    payload: dict[str, Any] = {"run": {"id": h._run_id}}
     payload["model"] = {
         "class": model_path or f"{model_class.__module__}.{model_class.__qualname__}",
         "kwargs": _plain_kwargs(h._model_kwargs, f"model {model_class.__name__}"),
@@ -243,14 +258,16 @@ def handler_payload(
         }
     if h._loss_fn is not None:
         payload["loss"] = {
-            "fn": _path_or_none(
-                h._loss_fn, f"loss function {getattr(h._loss_fn, '__name__', h._loss_fn)!r}"
+            "fn": _callable_or_none(
+                h,
+                h._loss_fn,
+                f"loss function {getattr(h._loss_fn, '__name__', type(h._loss_fn).__name__)!r}",
             ),
             "kwargs": {k: v for k, v in h._loss_fn_kwargs.items() if _plain(v)},
             "pass_epoch": h._pass_epoch_to_loss,
         }
     payload["metrics"] = {
-        name: _path_or_none(fn, f"metric {name!r}") for name, fn in h._metrics.items()
+        name: _callable_or_none(h, fn, f"metric {name!r}") for name, fn in h._metrics.items()
     }
     payload["callbacks"] = [_callback_record(cb) for cb in h._callbacks]
     payload["history"] = h._history.state_dict()
@@ -318,201 +335,3 @@ def _component_record(obj: Any, what: str) -> dict[str, Any] | None:
         "config": plain,
         "state": state,
     }
-
-
-# ----------------------------------------------------------------------------- load
-def resolve_model_class(
-    record: dict[str, Any], path: str, trust_model_code: bool
-) -> type[nn.Module]:
-    """The model class of a checkpoint: by import path, else (opt-in) from stored source."""
-    try:
-        return resolve_import_path(record["class"])
-    except (ImportError, AttributeError, CheckpointError, ValueError) as err:
-        if record.get("source") is None:
-            raise CheckpointError(
-                f"{path}: the model class {record['class']!r} cannot be imported ({err}); make its module "
-                "importable (install the package or add it to sys.path), or pass it explicitly with "
-                "NNHandler.initialize_from_checkpoint(path, model_class=...)"
-            ) from err
-        return rebuild_class_from_source(record["source"], trust_code=trust_model_code)
-
-
-def _resolve_optional(path_: str | None, what: str, handler_log: Callable[[str], None]) -> Any:
-    if path_ is None:
-        message = f"{what} was not saved (not importable): set it again after loading"
-        warnings.warn(message, stacklevel=4)
-        handler_log(message)
-        return None
-    try:
-        return resolve_import_path(path_)
-    except Exception as err:  # any failure means "set it again"
-        message = f"{what} {path_!r} cannot be imported ({err}): set it again after loading"
-        warnings.warn(message, stacklevel=4)
-        handler_log(message)
-        return None
-
-
-def apply_payload(
-    handler: NNHandler,
-    payload: dict[str, Any],
-    path: str,
-    *,
-    strict_load: bool,
-    skip_optimizer: bool,
-    skip_scheduler: bool,
-    skip_history: bool,
-    skip_callbacks: bool,
-    skip_sampler_sde: bool,
-    skip_ema: bool,
-) -> None:
-    """Restore a checkpoint's state into a handler built with its model."""
-    h = handler
-    model = payload["model"]
-    module = h.module
-    weights = strip_wrapper_prefixes(payload["model_state_dict"])
-    if getattr(module, "_nnh_meta_init", False):
-        # built on the meta device because the checkpoint supplies every tensor: take them as they are
-        try:
-            module.load_state_dict(weights, strict=strict_load, assign=True)
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{path}: the model weights do not fit {type(module).__name__}: {err}"
-            ) from err
-        del module._nnh_meta_init
-        module.to(h.device)
-        h._model = h._wrap(module)
-    else:
-        load_model_state(module, weights, strict=strict_load, source=path)
-    params = dict(module.named_parameters())
-    for name in model.get("frozen", []):
-        if name in params:
-            params[name].requires_grad_(False)
-    submodules = dict(module.named_modules())
-    for name in model.get("keep_eval", []):
-        if name in submodules:
-            h.keep_eval_on_module(submodules[name])
-    data = payload.get("data") or {}
-    for which in ("train", "val"):
-        _restore_loader(h, which, data.get(which))
-    if payload.get("loss"):
-        fn = _resolve_optional(payload["loss"]["fn"], "the loss function", h._log)
-        if fn is not None:
-            h.set_loss_fn(
-                fn, pass_epoch_to_loss=payload["loss"]["pass_epoch"], **payload["loss"]["kwargs"]
-            )
-    for name, fn_path in (payload.get("metrics") or {}).items():
-        fn = _resolve_optional(fn_path, f"metric {name!r}", h._log)
-        if fn is not None:
-            h.add_metric(name, fn)
-    if payload.get("optimizer"):
-        rec = payload["optimizer"]
-        h.set_optimizer(resolve_import_path(rec["class"]), **rec["kwargs"])  # fresh when skipped
-    if payload.get("optimizer") and not skip_optimizer:
-        try:
-            h._adapter.optimizer.load_state_dict(rec["state_dict"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(
-                f"{path}: the optimizer state does not fit the model ({err}); "
-                "load with skip_optimizer=True to start the optimizer afresh"
-            ) from err
-    if payload.get("scheduler") and not skip_scheduler and h._adapter is not None:
-        rec = payload["scheduler"]
-        cls = _resolve_optional(rec["class"], "the scheduler", h._log)
-        if cls is not None:
-            h.set_scheduler(cls, **rec["kwargs"])
-            h._scheduler.load_state_dict(rec["state_dict"])
-    if not skip_history:
-        h._history.load_state_dict(payload.get("history") or {})
-    if not skip_callbacks:
-        for rec in payload.get("callbacks") or []:
-            cls = _resolve_optional(rec["class"], "a callback", h._log)
-            if cls is None:
-                continue
-            try:
-                cb = cls(**rec["config"])
-            except ImportError as err:  # e.g. TensorBoardLogger without tensorboard installed
-                warnings.warn(f"callback {rec['class']} skipped: {err}", stacklevel=3)
-                continue
-            cb.load_state_dict(rec["state"])
-            h.add_callback(cb)
-    if not skip_sampler_sde:
-        h.sde = _rebuild_component(payload.get("sde"), "SDE", h._log)
-        h.sampler = _rebuild_component(payload.get("sampler"), "sampler", h._log)  # attaches it
-    from nnh.autosaver import AutoSaver
-    from nnh.core import LossScaler
-
-    h._auto_saver = AutoSaver.from_state_dict(payload.get("auto_saver") or {})
-    h._loss_scaler_config = LossScaler(**(payload.get("loss_scaler") or {}))
-    h._seed = payload.get("seed")
-    h._last_train_kwargs = payload.get("last_train_kwargs")
-    _restore_train_state(
-        h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer
-    )
-    if model.get("compile") is not None:
-        h.compile_model(**model["compile"])
-    restore_rng(payload["rng"])
-    h._resume = payload.get("resume")
-
-
-def _restore_loader(h: NNHandler, which: str, record: dict[str, Any] | None) -> None:
-    if record is None:
-        return
-    kwargs = dict(record.get("loader_kwargs", {}))
-    if "generator_state" in record:
-        g = torch.Generator()
-        g.set_state(record["generator_state"])
-        kwargs["generator"] = g
-    if "tensors" in record:
-        dataset: Any = TensorDataset(*record["tensors"])
-        if "indices" in record:
-            dataset = Subset(dataset, record["indices"].tolist())
-        getattr(h, f"set_{which}_loader")(dataset, **kwargs)
-    else:
-        h._log(
-            f"the {which} dataset ({record.get('dataset_class')}) is not stored in checkpoints: "
-            f"call set_{which}_loader again",
-            logging.INFO,
-        )
-
-
-def _rebuild_component(
-    rec: dict[str, Any] | None, what: str, handler_log: Callable[[str], None]
-) -> Any:
-    if rec is None:
-        return None
-    cls = _resolve_optional(rec["class"], f"the {what}", handler_log)
-    if cls is None:
-        return None
-    obj = cls.from_config(rec["config"]) if hasattr(cls, "from_config") else cls(**rec["config"])
-    if rec.get("state") is not None and hasattr(obj, "load_state_dict"):
-        obj.load_state_dict(rec["state"])
-    return obj
-
-
-def _restore_train_state(
-    h: NNHandler, rec: dict[str, Any] | None, *, skip_ema: bool, skip_optimizer: bool
-) -> None:
-    if rec is None or h._adapter is None:
-        return
-    from nnh.core import init_train_state
-
-    state = init_train_state(h.module, h._adapter)
-    counters = dict(rec.get("counters", {}))
-    if skip_optimizer:
-        counters = {k: v for k, v in counters.items() if k == "epoch"}
-    device = h.device
-    ema = rec.get("ema")
-    grads = rec.get("grads")
-    scaler = rec.get("scaler")
-    state = attrs.evolve(
-        state,
-        ema=None
-        if (ema is None or skip_ema)
-        else flat_td({k: v.to(device) for k, v in ema.items()}),
-        scaler=None if scaler is None else flat_td({k: v.to(device) for k, v in scaler.items()}),
-        grads=None
-        if (grads is None or skip_optimizer)
-        else flat_td({k: v.to(device) for k, v in grads.items()}),
-        **counters,
-    )
-    h._state = state  # the first step binds it, installing an open window's gradients

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nnh.callbacks.base import Callback
+from nnh.checkpoint.ownership import remove_owned
 
 __all__ = ["ModelCheckpoint"]
 
@@ -21,7 +22,7 @@ class ModelCheckpoint(Callback):
         monitor: logged key to rank checkpoints by (``None``: no best tracking).
         mode: ``"min"`` or ``"max"``.
         save_best_only: keep only the best file (the previous best is deleted only after
-            the new one is safely written).
+            the new one is safely written, and only if this run wrote it in ``dirpath``).
         every_n_epochs: also save every N epochs (independent of ``monitor``).
         save_last: also keep ``last.pth`` up to date every epoch.
 
@@ -58,6 +59,12 @@ class ModelCheckpoint(Callback):
         self.best_path: str | None = None
         self.saved: list[str] = []
         self._warned = False
+        self._from_checkpoint = False
+
+    def _save(self, path: Path) -> None:
+        from nnh.saving import write_checkpoint
+
+        write_checkpoint(self.handler, str(path), guard_replace=self._from_checkpoint)
 
     def _path(self, logs: dict[str, Any]) -> Path:
         try:
@@ -90,7 +97,7 @@ class ModelCheckpoint(Callback):
             elif self._improved(float(value)):
                 self.best_score = float(value)
                 path = self._path(logs)
-                handler.save(str(path))
+                self._save(path)
                 previous, self.best_path = self.best_path, str(path)
                 if (
                     self.save_best_only
@@ -98,15 +105,16 @@ class ModelCheckpoint(Callback):
                     and Path(previous).resolve() != path.resolve()
                     and handler.rank == 0
                 ):
-                    Path(previous).unlink(missing_ok=True)
+                    # only a checkpoint this run wrote in dirpath, whatever best_path says
+                    remove_owned(previous, folder=self.dirpath, run_id=handler._run_id)
                 self.saved.append(str(path))
         if self.every_n_epochs and epoch % self.every_n_epochs == 0:
             path = self._path(logs)
             if str(path) != self.best_path:
-                handler.save(str(path))
+                self._save(path)
                 self.saved.append(str(path))
         if self.save_last:
-            handler.save(str(Path(self.dirpath) / "last.pth"))
+            self._save(Path(self.dirpath) / "last.pth")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +124,15 @@ class ModelCheckpoint(Callback):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from a checkpoint; its paths are data (never deleted unless this run wrote
+        them) and its saves replace only files this run wrote."""
+        best_path = state.get("best_path")
+        saved = state.get("saved", [])
+        if best_path is not None and not isinstance(best_path, str):
+            raise ValueError(f"ModelCheckpoint best_path must be a string, got {best_path!r}")
+        if not isinstance(saved, list) or not all(isinstance(p, str) for p in saved):
+            raise ValueError(f"ModelCheckpoint saved must be a list of strings, got {saved!r}")
         self.best_score = float(state["best_score"])
-        self.best_path = state.get("best_path")
-        self.saved = list(state.get("saved", []))
+        self.best_path = best_path
+        self.saved = list(saved)
+        self._from_checkpoint = True

@@ -5,11 +5,15 @@ it. Guarantees:
 
 * files are written atomically and durably (:func:`atomic_save`): a reader sees the old or
   the new complete file, never a partial one;
+* files are sealed with checksums at save and verified at load (:mod:`.integrity`): a
+  flipped bit is caught before anything is used;
 * files are read with ``torch.load(weights_only=True)`` (:func:`load_checkpoint`): nothing
   stored in a file is executed, and every failure is a :class:`CheckpointError` naming the
   file, the problem and what to do;
 * classes are recorded by import path (:func:`import_path`), and stored model source runs
-  only on explicit ``trust_code=True`` (:func:`rebuild_class_from_source`).
+  only on explicit ``trust_code=True`` (:func:`rebuild_class_from_source`);
+* every class or function a file names is resolved and type-checked against what its slot
+  expects before anything is called (:mod:`.trust`).
 
 Example:
     >>> import tempfile, torch
@@ -51,7 +55,9 @@ from nnh.checkpoint.imports import (
     is_importable,
     resolve_import_path,
 )
+from nnh.checkpoint.integrity import INTEGRITY_KEY, seal, tensor_checksum, verify
 from nnh.checkpoint.keys import (
+    KeyMismatchWarning,
     KeyReport,
     canonical_key,
     compare_state_dict,
@@ -66,9 +72,11 @@ __all__ = [
     "FORMAT_KEY",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "INTEGRITY_KEY",
     "VERSIONS_KEY",
     "CheckpointError",
     "ImportPathError",
+    "KeyMismatchWarning",
     "KeyReport",
     "atomic_save",
     "atomic_write_bytes",
@@ -93,8 +101,11 @@ __all__ = [
     "resolve_class",
     "resolve_import_path",
     "save_checkpoint",
+    "seal",
     "strip_wrapper_prefixes",
+    "tensor_checksum",
     "to_flat_state_dict",
+    "verify",
 ]
 
 
@@ -105,7 +116,8 @@ def save_checkpoint(
 
     ``payload`` must hold only what ``torch.load(weights_only=True)`` accepts (tensors,
     numbers, strings, lists, tuples, dicts, TensorDicts); keys of the header (``nnh_format``,
-    ``versions``) are reserved and set here.
+    ``versions``) and ``integrity`` are reserved and set here: the file is sealed with the
+    checksums that :func:`load_checkpoint` verifies.
 
     Example:
         >>> import tempfile, torch
@@ -113,7 +125,7 @@ def save_checkpoint(
         >>> load_checkpoint(p)["epoch"]
         2
     """
-    reserved = {FORMAT_KEY, VERSIONS_KEY} & set(payload)
+    reserved = {FORMAT_KEY, VERSIONS_KEY, INTEGRITY_KEY} & set(payload)
     if reserved:
         raise ValueError(f"payload keys {sorted(reserved)} are reserved for the nnh header")
-    return atomic_save({**make_header(), **payload}, path, durable=durable)
+    return atomic_save(seal({**make_header(), **payload}), path, durable=durable)

@@ -16,6 +16,7 @@ killed mid-write leaves its temporary file behind (the final name is untouched);
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -94,6 +95,55 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+_LOW_SPACE = 8 * 2**20
+
+
+def _write_failure(final: Path, tmp: Path, err: BaseException) -> CheckpointError | None:
+    """Explain a failed write when the cause is the disk or a size limit (else ``None``).
+
+    torch's writer reports a full disk as ``RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos``, without the path or the cause; the file system
+    tells the truth.
+    """
+    code = getattr(err, "errno", None)
+    try:
+        written = tmp.stat().st_size
+    except OSError:
+        written = 0
+    try:
+        info = os.statvfs(final.parent)
+        free = info.f_bavail * info.f_frsize
+    except (OSError, AttributeError):
+        free = None
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        limit = None if limit == resource.RLIM_INFINITY else limit
+    except (ImportError, OSError, ValueError):
+        limit = None
+    keep = "The previous file under that name, if any, is untouched."
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < _LOW_SPACE):
+        return CheckpointError(
+            f"cannot write checkpoint {str(final)!r}: no space left on device ({written} bytes "
+            f"written when it failed; {free if free is not None else 'unknown'} bytes free in "
+            f"{str(final.parent)!r}). {keep} What to do: free disk space, or save to another "
+            "disk.",
+            path=final,
+            kind="disk_full",
+        )
+    if code == errno.EFBIG or (limit is not None and written >= limit - 2**20):
+        return CheckpointError(
+            f"cannot write checkpoint {str(final)!r}: it exceeds the file-size limit "
+            f"({limit if limit is not None else 'of the file system'} bytes; {written} bytes "
+            f"written when it failed). {keep} What to do: raise the limit (ulimit -f) or save "
+            "to a file system that allows larger files.",
+            path=final,
+            kind="file_too_large",
+        )
+    return None
+
+
 def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: bool) -> Path:
     """Claim a temp file, let ``write(tmp_path, fd)`` fill it, fsync, rename, fsync the folder.
 
@@ -111,9 +161,12 @@ def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: b
         finally:
             os.close(fd)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
+        explained = _write_failure(final, tmp, err) if isinstance(err, Exception) else None
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if explained is not None:
+            raise explained from err
         raise
     if durable:
         _fsync_folder(final.parent)

@@ -21,7 +21,12 @@ class CheckpointError(RuntimeError):
         kind: a short machine-readable tag of the problem, one of ``"missing"``,
             ``"not_a_file"``, ``"unreadable"``, ``"empty"``, ``"corrupt"``, ``"unsafe"``,
             ``"not_nnh"``, ``"bad_header"``, ``"newer_version"``, ``"bad_weights"``,
-            ``"mismatch"``, ``"not_importable"``, ``"untrusted_code"``, ``"bad_source"``.
+            ``"mismatch"``, ``"not_importable"``, ``"untrusted_code"``, ``"bad_source"``,
+            ``"untrusted"`` (a record names something that is not what its slot expects),
+            ``"damaged"`` (a section is missing or malformed), ``"non_finite"`` (refused to
+            save a non-finite state), ``"disk_full"``, ``"file_too_large"``,
+            ``"not_owned"`` (refused to overwrite a file another run or program wrote),
+            ``"batch_size"`` (a step checkpoint resumed with another batch size).
 
     Example:
         >>> err = CheckpointError("checkpoint 'a.pt' does not exist", path="a.pt", kind="missing")

@@ -2,7 +2,7 @@
 
 An nnh checkpoint is a ``dict`` saved with :func:`torch.save` whose top level holds::
 
-    "nnh_format": {"name": "nnh-checkpoint", "version": 1}
+    "nnh_format": {"name": "nnh-checkpoint", "version": 2}
     "versions":   {"nnh": "0.1.0", "torch": "2.13.0", "python": "3.11.9"}
 
 next to the payload sections (``"model_state_dict"`` and so on). The marker tells an nnh
@@ -23,17 +23,22 @@ import torch
 from nnh.checkpoint.errors import CheckpointError
 
 __all__ = [
+    "FIRST_SEALED_VERSION",
     "FORMAT_KEY",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "VERSIONS_KEY",
     "check_header",
+    "format_version",
     "has_header",
     "make_header",
 ]
 
 FORMAT_NAME = "nnh-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 added the "integrity" checksums (nnh.checkpoint.integrity), which every version-2
+# file must carry; version-1 files still load, without that verification.
+FIRST_SEALED_VERSION = 2
 FORMAT_KEY = "nnh_format"
 VERSIONS_KEY = "versions"
 
@@ -108,6 +113,16 @@ def _not_nnh(payload: object, where: str, path: str | os.PathLike[str] | None) -
         path=path,
         kind="not_nnh",
     )
+
+
+def format_version(payload: Mapping[str, Any]) -> int:
+    """The format version of a payload that passed :func:`check_header`.
+
+    Example:
+        >>> format_version(make_header()) == FORMAT_VERSION
+        True
+    """
+    return int(payload[FORMAT_KEY]["version"])
 
 
 def check_header(payload: object, path: str | os.PathLike[str] | None = None) -> None:

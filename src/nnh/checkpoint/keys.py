@@ -10,6 +10,7 @@ in the form the target model expects.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -19,6 +20,7 @@ from torch import nn
 from nnh.checkpoint.errors import CheckpointError
 
 __all__ = [
+    "KeyMismatchWarning",
     "KeyReport",
     "canonical_key",
     "compare_state_dict",
@@ -216,19 +218,43 @@ def match_state_dict(
     return adapted
 
 
+class KeyMismatchWarning(UserWarning):
+    """A non-strict load skipped keys: model tensors left as they were, or checkpoint tensors unused."""
+
+
+def _warn_partial(
+    model: nn.Module, report: KeyReport, source: str | os.PathLike[str] | None
+) -> None:
+    where = "the weights" if source is None else f"the weights in {os.fspath(source)!r}"
+    body = _listing(
+        "missing keys (in the model, not in the checkpoint; left as initialised)", report.missing
+    ) + _listing(
+        "unexpected keys (in the checkpoint, not in the model; ignored)", report.unexpected
+    )
+    warnings.warn(
+        f"{where} do not cover the model {type(model).__name__} exactly (strict_load=False):"
+        f"{body}\nPass strict_load=True to make this an error.",
+        KeyMismatchWarning,
+        stacklevel=3,
+    )
+
+
 def load_model_state(
     model: nn.Module,
     state_dict: Mapping[str, Any],
     strict: bool = True,
     *,
     source: str | os.PathLike[str] | None = None,
+    assign: bool = False,
 ) -> Any:
     """Load ``state_dict`` into ``model`` whatever wrapper either side had; explain mismatches.
 
     Returns torch's ``_IncompatibleKeys`` (``missing_keys``, ``unexpected_keys``), which are
     empty when ``strict``. Raises :class:`CheckpointError` listing missing keys, unexpected
     keys and shape mismatches (``name: checkpoint [a, b] vs model [c, d]``); with
-    ``strict=False`` only shape mismatches raise.
+    ``strict=False`` only shape mismatches raise, and every missing or unexpected key is
+    listed in a :class:`KeyMismatchWarning`. ``assign=True`` takes the checkpoint's tensors
+    as the model's (for a model built on the meta device).
 
     Example:
         >>> from torch import nn
@@ -239,9 +265,15 @@ def load_model_state(
         >>> torch.equal(dst.weight, src.module.weight)
         True
     """
-    adapted = match_state_dict(model, state_dict, strict, source=source)
+    target = model.state_dict()
+    adapted = _adapt_keys(list(target), state_dict)
+    report = _compare(target, adapted)
+    if report.shape_mismatches or (strict and not report.fits):
+        raise _mismatch_error(model, report, strict, source)
+    if report.missing or report.unexpected:
+        _warn_partial(model, report, source)
     try:
-        return model.load_state_dict(adapted, strict=strict)
+        return model.load_state_dict(adapted, strict=strict, assign=assign)
     except RuntimeError as err:
         where = "the weights" if source is None else f"the weights in {os.fspath(source)!r}"
         raise CheckpointError(

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from nnh.checkpoint.errors import CheckpointError
-from nnh.checkpoint.format import check_header, has_header
+from nnh.checkpoint.format import FIRST_SEALED_VERSION, check_header, format_version, has_header
+from nnh.checkpoint.integrity import verify
 
 __all__ = ["load_checkpoint", "load_weights_file", "to_flat_state_dict"]
 
@@ -213,18 +214,20 @@ def load_checkpoint(
 
     With ``require_header=True`` (the default) the file must be an nnh checkpoint (see
     :func:`nnh.checkpoint.format.check_header`). With ``False`` any dict is accepted, but a
-    file that does carry an nnh marker is still checked (e.g. for a newer format version).
+    file that does carry an nnh marker is still checked (e.g. for a newer format version)
+    and its checksums are verified (:mod:`nnh.checkpoint.integrity`): a damaged file is
+    refused before any of it is used.
     ``mmap=True`` maps the tensors from the file instead of reading them into memory.
 
     Raises :class:`CheckpointError` naming the file for: a missing path, a folder, an empty,
-    truncated or random file, a file holding objects weights_only refuses (nothing in it is
+    truncated or random file, a file whose data no longer match their checksums, a file holding objects weights_only refuses (nothing in it is
     executed), a torch file that is not an nnh checkpoint, a newer format version, and
     tensors on a device this machine lacks.
 
     Example:
         >>> import tempfile, torch
-        >>> from nnh.checkpoint import atomic_save, make_header
-        >>> p = atomic_save({**make_header(), "step": 3}, f"{tempfile.mkdtemp()}/c.pth")
+        >>> from nnh.checkpoint import save_checkpoint
+        >>> p = save_checkpoint({"step": 3}, f"{tempfile.mkdtemp()}/c.pth")
         >>> load_checkpoint(p, map_location="cpu")["step"]
         3
     """
@@ -233,6 +236,8 @@ def load_checkpoint(
     payload = _torch_load(file, map_location, mmap)
     if require_header or has_header(payload):
         check_header(payload, file)
+        if format_version(payload) >= FIRST_SEALED_VERSION:
+            verify(payload, file)
     elif not isinstance(payload, dict):
         raise CheckpointError(
             f"checkpoint {str(file)!r} holds a {type(payload).__name__}, not a dict. What to "

@@ -2,7 +2,9 @@
 
 What is stored: by default (``mode="module"``) the source of the WHOLE module that defines
 the model class, so helper functions, constants and sibling classes come along; this is the
-simplest choice that works for real code. ``mode="class"`` (used automatically when the
+simplest choice that works for real code. A class defined in the script run as ``__main__``
+is different: the script's top level is training code, so only the class and what it needs
+are stored (:func:`script_safe_source`), and a trusted load never re-runs the script. ``mode="class"`` (used automatically when the
 module's source cannot be read, or the class is defined inside a function) stores only the
 module's top-level import statements followed by the class source.
 
@@ -28,7 +30,13 @@ from typing import Any
 from nnh.checkpoint.errors import CheckpointError, ImportPathError
 from nnh.checkpoint.imports import resolve_import_path
 
-__all__ = ["RESTORED_PACKAGE", "capture_model_source", "rebuild_class_from_source", "resolve_class"]
+__all__ = [
+    "RESTORED_PACKAGE",
+    "capture_model_source",
+    "rebuild_class_from_source",
+    "resolve_class",
+    "script_safe_source",
+]
 
 RESTORED_PACKAGE = "nnh_restored"
 _RECORD_FIELDS = ("module", "qualname", "mode", "source", "sha256")
@@ -79,6 +87,91 @@ def _class_source(cls: type) -> str:
         ) from err
 
 
+def _bound_names(node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return {(a.asname or a.name).split(".")[0] for a in node.names}
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return {node.name}
+    targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
+
+
+def _used_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _is_literal_assignment(node: ast.stmt) -> bool:
+    value = getattr(node, "value", None)
+    if not isinstance(node, ast.Assign | ast.AnnAssign) or value is None:
+        return False
+    try:
+        ast.literal_eval(value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def script_safe_source(module_source: str, class_name: str) -> str | None:
+    r"""The parts of a script that define ``class_name``: nothing that runs the script.
+
+    Keeps, in their original order, the top-level class itself and what it needs,
+    transitively: the functions and classes it refers to, constants assigned a literal
+    value, and the imports that bind names it uses (``from __future__`` imports always).
+    Every other statement (training code, ``if __name__ == "__main__":`` blocks, calls) is
+    left out, so rebuilding the class never re-runs the script. ``None`` when the class is
+    not defined at the script's top level.
+
+    Example:
+        >>> script = (
+        ...     "import torch\nimport os\nWIDTH = 8\n"
+        ...     "class Net(torch.nn.Linear):\n    def __init__(self):\n"
+        ...     "        super().__init__(WIDTH, 1)\n"
+        ...     "net = Net()\nos.system('echo retraining')\n"
+        ... )
+        >>> print(script_safe_source(script, "Net"), end="")
+        import torch
+        WIDTH = 8
+        class Net(torch.nn.Linear):
+            def __init__(self):
+                super().__init__(WIDTH, 1)
+    """
+    try:
+        tree = ast.parse(module_source)
+    except SyntaxError:
+        return None
+    definitions: dict[str, ast.stmt] = {}
+    for node in tree.body:
+        if isinstance(
+            node,
+            ast.Import | ast.ImportFrom | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef,
+        ) or _is_literal_assignment(node):
+            for name in _bound_names(node):
+                definitions[name] = node  # the last definition wins, as when the script ran
+    root = definitions.get(class_name)
+    if not isinstance(root, ast.ClassDef):
+        return None
+    keep: dict[int, ast.stmt] = {}
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in keep:
+            continue
+        keep[id(node)] = node
+        for name in _used_names(node):
+            found = definitions.get(name)
+            if found is not None and id(found) not in keep:
+                todo.append(found)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            keep[id(node)] = node
+    parts = [
+        ast.get_source_segment(module_source, node, padded=False) or ""
+        for node in tree.body
+        if id(node) in keep
+    ]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
 def capture_model_source(model_class: type, *, mode: str = "module") -> dict[str, Any]:
     """Capture the source needed to rebuild ``model_class``, as plain strings.
 
@@ -102,7 +195,18 @@ def capture_model_source(model_class: type, *, mode: str = "module") -> dict[str
     if module_source is None or "<locals>" in model_class.__qualname__:
         mode = "class"
     imports = _import_lines(module_source)
-    if mode == "module":
+    script = None
+    if (
+        model_class.__module__ == "__main__"
+        and module_source
+        and "." not in model_class.__qualname__
+    ):
+        # a script: store the class and what it needs, never the script's top-level code
+        script = script_safe_source(module_source, model_class.__qualname__)
+        mode = "class"
+    if script is not None:
+        source = script
+    elif mode == "module":
         source = module_source or ""
     else:
         source = "\n".join(imports) + "\n\n\n" + class_source
@@ -143,7 +247,9 @@ def _check_record(record: object, path: str | os.PathLike[str] | None) -> Mappin
     return record
 
 
-def _untrusted(record: Mapping[str, Any], path: Any, reason: str | None) -> CheckpointError:
+def _untrusted(
+    record: Mapping[str, Any], path: Any, reason: str | None, flag: str
+) -> CheckpointError:
     name = f"{record['module']}.{record['qualname']}"
     where = "the checkpoint" if path is None else f"the checkpoint {os.fspath(path)!r}"
     why = f" ({reason})" if reason else ""
@@ -152,7 +258,7 @@ def _untrusted(record: Mapping[str, Any], path: Any, reason: str | None) -> Chec
         "but nnh never runs code stored in a file unless you ask, because that code can do "
         "anything your user account can. What to do: make the module importable (install it "
         "or add its folder to PYTHONPATH) or pass the model class explicitly; or, only if you "
-        "trust this file, pass trust_code=True to rebuild the class from the stored source.",
+        f"trust this file, pass {flag}=True to rebuild the class from the stored source.",
         path=path,
         kind="untrusted_code",
     )
@@ -193,6 +299,7 @@ def rebuild_class_from_source(
     *,
     path: str | os.PathLike[str] | None = None,
     reason: str | None = None,
+    flag: str = "trust_code",
 ) -> type:
     """Rebuild a model class from a :func:`capture_model_source` record.
 
@@ -200,7 +307,8 @@ def rebuild_class_from_source(
     :class:`CheckpointError` saying that the class cannot be imported (``reason``, if given,
     says why) and how to opt in. With ``True`` the stored source runs in a fresh module
     ``nnh_restored.<module>`` (registered in ``sys.modules``) and the class is returned.
-    ``path`` names the checkpoint file in errors.
+    ``path`` names the checkpoint file in errors, ``flag`` the opt-in argument of the caller
+    (``NNHandler.load`` calls it ``trust_model_code``).
 
     Example:
         >>> src = "import torch\\nclass Net(torch.nn.Module):\\n    pass\\n"
@@ -212,7 +320,7 @@ def rebuild_class_from_source(
     """
     record = _check_record(record, path)
     if not trust_code:
-        raise _untrusted(record, path, reason)
+        raise _untrusted(record, path, reason, flag)
     module, filename = _fresh_module(record)
     sys.modules[module.__name__] = module
     try:

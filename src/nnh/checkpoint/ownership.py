@@ -1,0 +1,151 @@
+"""Which files nnh may delete or replace: only checkpoints it wrote for the same run.
+
+Paths stored in a checkpoint (``auto_saver.last_saved``, a ``ModelCheckpoint``'s
+``best_path``) are data, not authority: a crafted file can point them at anything. Every
+handler therefore carries a random *run id*, written into each checkpoint it saves (a
+loaded handler continues the run of its file). Before nnh removes a file it wrote earlier,
+:func:`remove_owned` checks that the file
+
+1. lies inside the folder the saver is configured to write to,
+2. is a regular file (not a symbolic link, a folder or a device), and
+3. is an nnh checkpoint carrying the same run id;
+
+otherwise it is left alone. :func:`may_replace` applies the same ownership test before an
+automatic save writes over an existing file. Reading the run id maps the file instead of
+reading its tensors, so the check costs milliseconds even for large checkpoints.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> precious = folder / "notes.txt"; _ = precious.write_text("mine")
+    >>> remove_owned(precious, folder=folder, run_id=new_run_id())
+    False
+    >>> precious.exists()
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from nnh.checkpoint.format import FORMAT_KEY
+
+__all__ = ["RUN_KEY", "may_replace", "new_run_id", "read_run_id", "remove_owned"]
+
+PathLike = str | os.PathLike[str]
+RUN_KEY = "run"
+
+
+def new_run_id() -> str:
+    """A fresh random run id (32 hex digits).
+
+    Example:
+        >>> len(new_run_id()), new_run_id() != new_run_id()
+        (32, True)
+    """
+    return uuid.uuid4().hex
+
+
+def _regular_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
+def read_run_id(path: PathLike) -> str | None:
+    """The run id stored in the nnh checkpoint at ``path``; ``None`` for anything else.
+
+    Never raises: a missing, foreign, damaged or unsafe file simply has no run id.
+
+    Example:
+        >>> import tempfile
+        >>> from nnh.checkpoint import save_checkpoint
+        >>> p = save_checkpoint({"run": {"id": "abc"}}, f"{tempfile.mkdtemp()}/c.pth")
+        >>> read_run_id(p), read_run_id(f"{p}.missing")
+        ('abc', None)
+    """
+    file = Path(path)
+    if not _regular_file(file):
+        return None
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(payload, Mapping) or FORMAT_KEY not in payload:
+        return None
+    run = payload.get(RUN_KEY)
+    run_id = run.get("id") if isinstance(run, Mapping) else None
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve(strict=True).relative_to(folder.resolve(strict=True))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def owned(path: PathLike, *, folder: PathLike, run_id: str) -> bool:
+    """Whether ``path`` is an nnh checkpoint of run ``run_id`` inside ``folder``.
+
+    Example:
+        >>> import tempfile
+        >>> from nnh.checkpoint import save_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> p = save_checkpoint({"run": {"id": "r1"}}, f"{d}/c.pth")
+        >>> owned(p, folder=d, run_id="r1"), owned(p, folder=d, run_id="r2")
+        (True, False)
+    """
+    file = Path(path)
+    return (
+        bool(run_id)
+        and _regular_file(file)
+        and _inside(file, Path(folder))
+        and read_run_id(file) == run_id
+    )
+
+
+def remove_owned(path: PathLike, *, folder: PathLike, run_id: str) -> bool:
+    """Delete ``path`` if :func:`owned` says nnh wrote it for this run; return whether it did.
+
+    Example:
+        >>> import tempfile
+        >>> from nnh.checkpoint import save_checkpoint
+        >>> d = tempfile.mkdtemp()
+        >>> p = save_checkpoint({"run": {"id": "r1"}}, f"{d}/c.pth")
+        >>> remove_owned(p, folder=d, run_id="r2"), remove_owned(p, folder=d, run_id="r1")
+        (False, True)
+    """
+    if not owned(path, folder=folder, run_id=run_id):
+        return False
+    try:
+        Path(path).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def may_replace(path: PathLike, *, run_id: str) -> bool:
+    """Whether an automatic save may write ``path``: it is free, or this run's checkpoint.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> may_replace(d / "new.pth", run_id="r1")
+        True
+        >>> _ = (d / "notes.pth").write_text("not a checkpoint")
+        >>> may_replace(d / "notes.pth", run_id="r1")
+        False
+    """
+    file = Path(path)
+    if not os.path.lexists(file):
+        return True
+    return _regular_file(file) and read_run_id(file) == run_id
