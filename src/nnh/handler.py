@@ -1085,7 +1085,13 @@ class NNHandler:
     def _save_auto(self, logs: dict[str, Any]) -> None:
         saver = self._auto_saver
         path = saver.path_for(logs)
-        write_checkpoint(self, str(path), guard_replace=saver.from_checkpoint)
+        # the file records itself as the last save, so a run resumed from it rotates it
+        self._auto_saver = attrs.evolve(saver, last_saved=str(path))
+        try:
+            write_checkpoint(self, str(path), guard_replace=saver.from_checkpoint)
+        except BaseException:
+            self._auto_saver = saver
+            raise
         if self._dist.is_main:
             self._auto_saver = saver.after_save(path, self._run_id)
 
