@@ -4,8 +4,11 @@ Saves and loads the state_dict of a ~100M-parameter model (400 MB of float32) wi
 
 * ``torch.save``          : ``torch.save(sd, path)`` / ``torch.load(path, weights_only=True)``
 * ``torch.save+fsync``    : the same, then fsync of the file (the cheapest durable baseline)
-* ``nnh durable``         : ``save_checkpoint`` (header + temp file + fsync + os.replace + folder
-                            fsync, the default) / ``load_checkpoint`` (weights_only + checks)
+* ``nnh durable``         : ``save_checkpoint`` (header + checksums + temp file + fsync +
+                            os.replace + folder fsync, the default) / ``load_checkpoint``
+                            (weights_only + header check + checksum verification)
+* ``nnh unverified``      : the same files, loaded without the checksum verification (to
+                            show what verifying costs: the issue's goal is <= 10 % at 100M)
 * ``nnh no-fsync``        : ``save_checkpoint(..., durable=False)``: still atomic against a
                             killed process, not against a power cut
 
@@ -21,6 +24,7 @@ shared and noisy: trust ratios more than absolute times).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -57,6 +61,18 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _no_verification():
+    import nnh.checkpoint.safe_load as safe_load
+
+    original = safe_load.verify
+    safe_load.verify = lambda payload, path=None: None
+    try:
+        yield
+    finally:
+        safe_load.verify = original
+
+
 def methods(sd: dict[str, torch.Tensor]) -> dict[str, tuple[Callable, Callable]]:
     def torch_save(path: Path) -> None:
         torch.save(sd, path)
@@ -71,10 +87,15 @@ def methods(sd: dict[str, torch.Tensor]) -> dict[str, tuple[Callable, Callable]]
     def nnh_load(path: Path) -> object:
         return load_checkpoint(path)
 
+    def nnh_load_unverified(path: Path) -> object:
+        with _no_verification():
+            return load_checkpoint(path)
+
     return {
         "torch.save": (torch_save, torch_load),
         "torch.save+fsync": (torch_save_fsync, torch_load),
         "nnh durable": (lambda p: save_checkpoint({"model_state_dict": sd}, p), nnh_load),
+        "nnh unverified": (lambda p: save_checkpoint({"model_state_dict": sd}, p), nnh_load_unverified),
         "nnh no-fsync": (
             lambda p: save_checkpoint({"model_state_dict": sd}, p, durable=False),
             nnh_load,

@@ -447,3 +447,12 @@ def test_hostile_files_do_not_change_a_good_file_loading(tmp_path):
     h = NNHandler.load(str(path))
     h.train(1, progress_bar=False)
     assert len(h.train_losses) == 2 and copy.copy(h) is not None
+
+
+def test_standard_library_names_are_refused_without_importing_them(tmp_path):
+    assert "this" not in sys.modules  # importing it prints the Zen of Python: an import side effect
+    path = hostile(tmp_path, lambda p: p.update(
+        sampler={"class": "this.Sampler", "config": {}, "state": None}))  # fmt: skip
+    with pytest.raises(CheckpointError, match="standard library") as info:
+        NNHandler.load(str(path))
+    assert info.value.kind == "untrusted" and "this" not in sys.modules
