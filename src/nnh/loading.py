@@ -17,8 +17,10 @@ never acted on directly: deleting or replacing files goes through
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -248,6 +250,24 @@ def load_handler(
     return handler
 
 
+@contextlib.contextmanager
+def _section(path: str, name: str) -> Iterator[None]:
+    """Turn a bad value inside a checked section into a CheckpointError naming it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path!r}: section {name!r} could not be restored ({type(err).__name__}: "
+            f"{err}). The file was damaged or edited, or written by incompatible code. What to "
+            "do: use an intact copy, or load with the matching skip_* flag and set that part "
+            "again.",
+            path=path,
+            kind="damaged",
+        ) from err
+
+
 def _report(h: NNHandler, message: str) -> None:
     warnings.warn(message, stacklevel=4)
     h._log(message, logging.WARNING)
@@ -265,19 +285,7 @@ def _load_weights(h: NNHandler, weights: dict[str, Any], path: str, strict_load:
         load_model_state(module, weights, strict=strict_load, source=path)
 
 
-def apply_payload(
-    handler: NNHandler,
-    payload: dict[str, Any],
-    path: str,
-    resolved: _Resolved,
-    *,
-    strict_load: bool,
-    skip_optimizer: bool,
-    skip_history: bool,
-    skip_ema: bool,
-) -> None:
-    """Restore a checked checkpoint's state into a handler built with its model."""
-    h = handler
+def _restore_model(h: NNHandler, payload: dict[str, Any], path: str, strict_load: bool) -> None:
     model = payload["model"]
     _load_weights(h, payload["model_state_dict"], path, strict_load)
     module = h.module
@@ -289,9 +297,9 @@ def apply_payload(
     for name in model.get("keep_eval") or []:
         if name in submodules:
             h.keep_eval_on_module(submodules[name])
-    data = payload.get("data") or {}
-    for which in ("train", "val"):
-        _restore_loader(h, which, data.get(which))
+
+
+def _restore_objective(h: NNHandler, payload: dict[str, Any], resolved: _Resolved) -> None:
     if payload.get("loss") and resolved.loss is not None:
         h.set_loss_fn(
             resolved.loss,
@@ -300,9 +308,15 @@ def apply_payload(
         )
     for name, fn in resolved.metrics.items():
         h.add_metric(name, fn)
+
+
+def _restore_optimization(
+    h: NNHandler, payload: dict[str, Any], path: str, resolved: _Resolved, skip_optimizer: bool
+) -> None:
     if resolved.optimizer is not None:
         rec = payload["optimizer"]
-        h.set_optimizer(resolved.optimizer, **rec["kwargs"])  # fresh when skipped
+        with _section(path, "optimizer"):
+            h.set_optimizer(resolved.optimizer, **rec["kwargs"])  # fresh when skipped
         if not skip_optimizer:
             try:
                 h._adapter.optimizer.load_state_dict(rec["state_dict"])
@@ -315,42 +329,78 @@ def apply_payload(
                 ) from err
     if resolved.scheduler is not None and h._adapter is not None:
         rec = payload["scheduler"]
-        h.set_scheduler(resolved.scheduler, **rec["kwargs"])
-        h._scheduler.load_state_dict(rec["state_dict"])
-    if not skip_history:
-        h._history.load_state_dict(payload.get("history") or {})
-    for cls, rec in resolved.callbacks:
-        try:
-            cb = cls(**rec["config"])
-        except ImportError as err:  # e.g. TensorBoardLogger without tensorboard installed
-            resolved.messages.append(f"callback {rec['class']} skipped: {err}")
-            continue
-        cb.load_state_dict(rec.get("state") or {})
-        h.add_callback(cb)
+        with _section(path, "scheduler"):
+            h.set_scheduler(resolved.scheduler, **rec["kwargs"])
+            h._scheduler.load_state_dict(rec["state_dict"])
+
+
+def _restore_components(h: NNHandler, path: str, resolved: _Resolved) -> None:
+    for i, (cls, rec) in enumerate(resolved.callbacks):
+        with _section(path, f"callbacks[{i}]"):
+            try:
+                cb = cls(**rec["config"])
+            except ImportError as err:  # e.g. TensorBoardLogger without tensorboard installed
+                resolved.messages.append(f"callback {rec['class']} skipped: {err}")
+                continue
+            cb.load_state_dict(rec.get("state") or {})
+            h.add_callback(cb)
     for key in ("sde", "sampler"):
         found = getattr(resolved, key)
         if found is not None:
             cls, rec = found
-            obj = cls(**_component_kwargs(rec))
-            if rec.get("state") is not None and hasattr(obj, "load_state_dict"):
-                obj.load_state_dict(rec["state"])
-            setattr(h, key, obj)  # the sampler setter attaches it to the handler
+            with _section(path, key):
+                obj = cls(**_component_kwargs(rec))
+                if rec.get("state") is not None and hasattr(obj, "load_state_dict"):
+                    obj.load_state_dict(rec["state"])
+                setattr(h, key, obj)  # the sampler setter attaches it to the handler
+
+
+def apply_payload(
+    handler: NNHandler,
+    payload: dict[str, Any],
+    path: str,
+    resolved: _Resolved,
+    *,
+    strict_load: bool,
+    skip_optimizer: bool,
+    skip_history: bool,
+    skip_ema: bool,
+) -> None:
+    """Restore a checked checkpoint's state into a handler built with its model."""
     from nnh.autosaver import AutoSaver
     from nnh.core import LossScaler
 
-    h._auto_saver = AutoSaver.from_state_dict(payload.get("auto_saver") or {})
-    h._loss_scaler_config = LossScaler(**(payload.get("loss_scaler") or {}))
+    h = handler
+    _restore_model(h, payload, path, strict_load)
+    data = payload.get("data") or {}
+    for which in ("train", "val"):
+        with _section(path, f"data.{which}"):
+            _restore_loader(h, which, data.get(which))
+    _restore_objective(h, payload, resolved)
+    _restore_optimization(h, payload, path, resolved, skip_optimizer)
+    if not skip_history:
+        with _section(path, "history"):
+            h._history.load_state_dict(payload.get("history") or {})
+    _restore_components(h, path, resolved)
+    with _section(path, "auto_saver"):
+        h._auto_saver = AutoSaver.from_state_dict(payload.get("auto_saver") or {})
+    with _section(path, "loss_scaler"):
+        h._loss_scaler_config = LossScaler(**(payload.get("loss_scaler") or {}))
     h._seed = payload.get("seed")
     h._last_train_kwargs = payload.get("last_train_kwargs")
     run = payload.get("run")
     if run:
         h._run_id = run["id"]  # a loaded handler continues the run of its file
-    _restore_train_state(
-        h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer
-    )
-    if model.get("compile") is not None:
-        h.compile_model(**model["compile"])
-    restore_rng(payload["rng"])
+    with _section(path, "train_state"):
+        _restore_train_state(
+            h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer
+        )
+    compile_kwargs = payload["model"].get("compile")
+    if compile_kwargs is not None:
+        with _section(path, "model.compile"):
+            h.compile_model(**compile_kwargs)
+    with _section(path, "rng"):
+        restore_rng(payload["rng"])
     resume = payload.get("resume")
     h._resume = None if resume is None else {**resume, "source": path}
     for message in resolved.messages:

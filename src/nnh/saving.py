@@ -66,7 +66,7 @@ def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -
         >>> non_finite_state(h)
         []
         >>> with torch.no_grad():
-        ...     h.module.bias.fill_(float("nan"))
+        ...     _ = h.module.bias.fill_(float("nan"))
         >>> non_finite_state(h)
         ['model bias']
     """
