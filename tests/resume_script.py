@@ -2,7 +2,7 @@
 
     python resume_script.py MODE OUT [CKPT_OR_DIR] [--slow SECONDS]
 
-MODE: straight | first | second | autosave | stepsave | resume_step
+MODE: straight | first | second | autosave | stepsave | stepsave_async | resume_step
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ def main() -> None:
     elif a.mode == "stepsave":
         h = build(a.slow, a.marker)
         h.auto_save(None, save_path=a.ckpt, name="run", every_n_steps=1)
+        h.train(4, **TRAIN)
+    elif a.mode == "stepsave_async":
+        h = build(a.slow, a.marker)
+        h.auto_save(None, save_path=a.ckpt, name="run", every_n_steps=1, async_save=True)
         h.train(4, **TRAIN)
     elif a.mode == "resume_step":
         h = NNHandler.load(a.ckpt)

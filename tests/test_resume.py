@@ -109,3 +109,27 @@ def test_kill_9_mid_epoch_resumes_bitwise_from_step_checkpoint(straight, tmp_pat
     out = tmp_path / "final.pth"
     run("resume_step", str(out), str(step_ckpt))
     compare_runs(straight, out)
+
+
+def test_kill_9_mid_epoch_resumes_bitwise_from_background_step_checkpoint(straight, tmp_path):
+    """Step checkpoints written in the background (async_save=True): whatever step file is on
+    disk when the run is killed resumes bitwise."""
+    marker = tmp_path / "marker"
+    proc = start(
+        "stepsave_async", str(tmp_path / "never.pth"), str(tmp_path), "--slow", "0.2", "--marker", str(marker)
+    )
+
+    def mid_epoch_three() -> bool:
+        try:
+            epoch, batch = map(int, marker.read_text().split())
+        except (FileNotFoundError, ValueError):
+            return False
+        return epoch == 3 and batch >= 3
+
+    _kill_when(proc, mid_epoch_three)
+    (step_ckpt,) = tmp_path.glob("run.step-*.pth")
+    resume = load_checkpoint(step_ckpt)["resume"]
+    assert resume["epoch"] == 3 and 0 < resume["batch_offset"] < 8
+    out = tmp_path / "final.pth"
+    run("resume_step", str(out), str(step_ckpt))
+    compare_runs(straight, out)

@@ -37,6 +37,8 @@ class AutoSaver:
     it is a checkpoint this run wrote in ``save_path`` (see :mod:`nnh.checkpoint.ownership`).
     ``every_n_steps`` also writes a mid-epoch checkpoint every N micro-steps to one file per
     name pattern, :meth:`step_path` (replaced atomically), for exact resume.
+    ``async_save`` writes every automatic save on a background thread (the state is
+    snapshotted at the save point; see :func:`nnh.saving.submit_checkpoint`).
     ``from_checkpoint`` marks a configuration read from a file rather than set by the user:
     its automatic saves then replace only files this run wrote.
 
@@ -56,6 +58,7 @@ class AutoSaver:
     overwrite: bool = False
     every_n_steps: int | None = None
     last_saved: str | None = None
+    async_save: bool = False
     from_checkpoint: bool = attrs.field(default=False, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
@@ -118,8 +121,9 @@ class AutoSaver:
         tag = hashlib.sha256(self.name.encode("utf-8")).hexdigest()[:8]
         return Path(self.save_path) / f"{readable}.step-{tag}.pth"
 
-    def after_save(self, path: Path, run_id: str) -> AutoSaver:
-        """Record ``path``; when overwriting, delete the previous file if this run wrote it.
+    def remove_previous(self, path: Path, run_id: str) -> bool:
+        """When overwriting, delete ``last_saved`` now that ``path`` is written, if this run
+        wrote it; return whether a file was deleted.
 
         Only a checkpoint of run ``run_id`` inside ``save_path`` is deleted (never a file a
         checkpoint merely names); anything else is left where it is.
@@ -127,9 +131,9 @@ class AutoSaver:
         from nnh.checkpoint.ownership import remove_owned
 
         previous = self.last_saved
-        if self.overwrite and previous and Path(previous).resolve() != Path(path).resolve():
-            remove_owned(previous, folder=self.save_path, run_id=run_id)
-        return attrs.evolve(self, last_saved=str(path))
+        if not (self.overwrite and previous) or Path(previous).resolve() == Path(path).resolve():
+            return False
+        return remove_owned(previous, folder=self.save_path, run_id=run_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in attrs.asdict(self).items() if k != "from_checkpoint"}
@@ -142,6 +146,7 @@ class AutoSaver:
         for key in ("save_path", "name", "last_saved"):
             if values.get(key) is not None and not isinstance(values[key], str):
                 raise ValueError(f"auto_saver {key!r} must be a string, got {values[key]!r}")
-        if not isinstance(values.get("overwrite", False), bool):
-            raise ValueError(f"auto_saver 'overwrite' must be a bool, got {values['overwrite']!r}")
+        for key in ("overwrite", "async_save"):
+            if not isinstance(values.get(key, False), bool):
+                raise ValueError(f"auto_saver {key!r} must be a bool, got {values[key]!r}")
         return cls(**values, from_checkpoint=True)

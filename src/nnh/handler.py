@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from nnh.autosaver import AutoSaver
 from nnh.callbacks.base import Callback, CallbackList
+from nnh.checkpoint.background import BackgroundWriter, SaveHandle
 from nnh.checkpoint.ownership import new_run_id
 from nnh.core import (
     LossScaler,
@@ -45,7 +46,14 @@ from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
 from nnh.persistence import capture_rng, restore_rng
-from nnh.saving import NonFiniteStateError, check_resume_batch_size, write_checkpoint
+from nnh.saving import (
+    NonFiniteStateError,
+    check_resume_batch_size,
+    raise_save_failures,
+    submit_checkpoint,
+    wait_for_saves,
+    write_checkpoint,
+)
 from nnh.training import run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
@@ -148,6 +156,7 @@ class NNHandler:
         self._epoch_start_rng: dict[str, Any] | None = None
         self._target_epoch = 0
         self._run_id = new_run_id()
+        self._saves: BackgroundWriter | None = None
         self.stop_training = False
         self.set_model(
             model_class, save_model_code=save_model_code, model_type=None, **model_kwargs
@@ -616,11 +625,14 @@ class NNHandler:
         name: str = "model_epoch{epoch:02d}",
         overwrite: bool = False,
         every_n_steps: int | None = None,
+        async_save: bool = False,
     ) -> None:
         """Save every ``interval`` epochs (``-1``: after the last epoch only; ``0``/``None``:
         never) to ``save_path/name.pth``. ``name`` is a format string over ``epoch`` and the
         epoch's logged values. ``overwrite`` deletes the previous file once the new one is
         safely written. ``every_n_steps`` also writes a mid-epoch resume checkpoint.
+        ``async_save`` writes every automatic save in the background (snapshot at the save
+        point; training goes on; all writes finish before ``train()`` returns).
 
         Example:
             >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
@@ -634,6 +646,7 @@ class NNHandler:
             name=name,
             overwrite=overwrite,
             every_n_steps=every_n_steps,
+            async_save=bool(async_save),
         )
         saver.check_name(self._log_keys())
         self._auto_saver = saver
@@ -820,6 +833,7 @@ class NNHandler:
                 f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}"
             )
         self._check_ready()
+        raise_save_failures(self)
         if self._resume is not None:
             check_resume_batch_size(self._resume, self._train_loader)
         self._last_train_kwargs = {
@@ -875,6 +889,7 @@ class NNHandler:
                     last=(i == epochs - 1),
                     save_on_last_epoch=save_on_last_epoch,
                 )
+                raise_save_failures(self)
                 if show:
                     epoch_bar.update(1)
                     epoch_bar.set_postfix(
@@ -891,7 +906,9 @@ class NNHandler:
                     if i != epochs - 1:
                         self._auto_saver_final(logs, save_on_last_epoch)
                     break
+            wait_for_saves(self)  # every background save is on disk before train() returns
         except BaseException as exc:
+            self._drain_saves_after(exc)
             error = self._dist.fail(exc)
             if error is exc:
                 raise
@@ -1060,12 +1077,11 @@ class NNHandler:
                 "sums": {"loss": sums.loss, "count": sums.count, "metrics": dict(sums.metrics)},
                 "target_epoch": self._target_epoch,
             }
+            saver = self._auto_saver
+            save = submit_checkpoint if saver.async_save else write_checkpoint
             try:
-                write_checkpoint(
-                    self,
-                    str(self._auto_saver.step_path()),
-                    resume=resume,
-                    guard_replace=self._auto_saver.from_checkpoint,
+                save(
+                    self, str(saver.step_path()), resume=resume, guard_replace=saver.from_checkpoint
                 )
             except NonFiniteStateError as err:
                 self._warn(str(err))
@@ -1087,22 +1103,38 @@ class NNHandler:
         path = saver.path_for(logs)
         # the file records itself as the last save, so a run resumed from it rotates it
         self._auto_saver = attrs.evolve(saver, last_saved=str(path))
+        run_id = self._run_id
         try:
+            if saver.async_save:  # the previous file goes once the new one is written
+                submit_checkpoint(
+                    self,
+                    str(path),
+                    guard_replace=saver.from_checkpoint,
+                    after=lambda written: saver.remove_previous(written, run_id),
+                )
+                return
             write_checkpoint(self, str(path), guard_replace=saver.from_checkpoint)
         except BaseException:
             self._auto_saver = saver
             raise
         if self._dist.is_main:
-            self._auto_saver = saver.after_save(path, self._run_id)
+            saver.remove_previous(path, run_id)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str, include_datasets: bool = True) -> None:
+    def save(
+        self, path: str, include_datasets: bool = True, blocking: bool = True
+    ) -> SaveHandle | None:
         """Save the complete handler state to ``path`` (atomically; rank 0 writes, all wait).
 
         Model weights, optimizer, scheduler, loss scaler, EMA, history, metric and loss
         configuration, callbacks, AutoSaver, SDE/sampler, model type, seed, RNG states and
         versions. ``TensorDataset`` training/validation data is embedded (up to 256 MiB)
         unless ``include_datasets=False``.
+
+        ``blocking=False`` snapshots the state now and writes the same file on a background
+        thread, returning a :class:`~nnh.checkpoint.background.SaveHandle` (``done()``,
+        ``result()``); training can go on meanwhile. A failed background write is raised by
+        the next ``train``, ``save``, ``predict`` or ``wait_for_saves`` call.
 
         Example:
             >>> from torch.utils.data import TensorDataset
@@ -1114,13 +1146,38 @@ class NNHandler:
             >>> h.train(epochs=1, progress_bar=False); h.save(path)
             >>> NNHandler.load(path).train_losses == h.train_losses
             True
+            >>> handle = h.save(path, blocking=False); handle.result().name
+            'run.pth'
         """
-        self._save_to(path, resume=None, include_datasets=include_datasets)
+        raise_save_failures(self)
+        if not blocking:
+            return submit_checkpoint(self, path, include_datasets=include_datasets)
+        write_checkpoint(self, path, include_datasets=include_datasets)
+        return None
 
-    def _save_to(
-        self, path: str, *, resume: dict[str, Any] | None, include_datasets: bool = True
-    ) -> None:
-        write_checkpoint(self, path, resume=resume, include_datasets=include_datasets)
+    def wait_for_saves(self, timeout: float | None = None) -> None:
+        """Block until every background save of this handler is written; raise the first
+        failure (a :class:`~nnh.checkpoint.CheckpointError` naming the file).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.wait_for_saves()   # nothing pending: returns at once
+        """
+        wait_for_saves(self, timeout)
+
+    def _drain_saves_after(self, exc: BaseException) -> None:
+        """Finish pending background saves after ``exc`` stopped training; report, not raise,
+        their failures (``exc`` is the error to surface)."""
+        if self._saves is None:
+            return
+        for err in self._saves.wait():
+            if err is not exc:
+                self._log(f"a background save failed while training stopped: {err}", logging.ERROR)
+
+    def _background_writer(self) -> BackgroundWriter:
+        if self._saves is None:
+            self._saves = BackgroundWriter()
+        return self._saves
 
     @property
     def remaining_epochs(self) -> int:
@@ -1343,6 +1400,7 @@ class NNHandler:
             >>> len(outputs), outputs[0].shape
             (2, torch.Size([4, 1]))
         """
+        raise_save_failures(self)
         if not isinstance(data_loader, DataLoader):
             data_loader = DataLoader(data_loader, batch_size=64)
         from nnh.ddp import gather_predictions, sharded_eval_loader

@@ -16,11 +16,14 @@ succeeded.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nnh.checkpoint import CheckpointError, save_checkpoint
+from nnh.checkpoint.background import SaveHandle
 from nnh.checkpoint.ownership import may_replace
 from nnh.persistence import handler_payload
 
@@ -31,6 +34,8 @@ __all__ = [
     "NonFiniteStateError",
     "check_resume_batch_size",
     "non_finite_state",
+    "submit_checkpoint",
+    "wait_for_saves",
     "write_checkpoint",
 ]
 
@@ -98,31 +103,12 @@ def write_checkpoint(
     :class:`CheckpointError` (kind ``"not_owned"``) when ``guard_replace`` and ``path`` is
     a file this run did not write.
     """
-    bad = non_finite_state(handler, resume)
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteStateError(
-            f"did not write checkpoint {path!r}: the state is not finite ({shown} hold NaN or "
-            "inf). A diverged state is never saved, so the last good checkpoint stays. What "
-            "to do: lower the learning rate, clip gradients (gradient_clipping_norm=...), or "
-            "check the data and the loss; then resume from the last good checkpoint.",
-            path=path,
-            kind="non_finite",
-        )
+    _refuse_non_finite(handler, path, resume)
     dist = handler._dist
     error: BaseException | None = None
     if dist.is_main:
         try:
-            if guard_replace and not may_replace(path, run_id=handler._run_id):
-                raise CheckpointError(
-                    f"did not write checkpoint {path!r}: a file of that name exists and was not "
-                    "written by this run. The automatic-save settings came from a checkpoint "
-                    "file, and nnh never replaces a file on a file's say-so. What to do: call "
-                    "handler.auto_save(...) (or set the callback's folder) to confirm where to "
-                    "save, or move that file.",
-                    path=path,
-                    kind="not_owned",
-                )
+            _check_replace(handler, path, guard_replace)
             save_checkpoint(
                 handler_payload(handler, include_datasets=include_datasets, resume=resume), path
             )
@@ -134,6 +120,65 @@ def write_checkpoint(
         raise error
     if failed:
         raise RuntimeError(f"saving {path} failed on rank 0; see its error")
+
+
+def submit_checkpoint(
+    handler: NNHandler,
+    path: str,
+    *,
+    resume: dict[str, Any] | None = None,
+    include_datasets: bool = True,
+    guard_replace: bool = False,
+    after: Callable[[Path], None] | None = None,
+) -> SaveHandle:
+    """Like :func:`write_checkpoint`, but the file is written by the handler's background
+    writer: the state is snapshotted now, the call returns a :class:`SaveHandle`.
+
+    The checks (finite state, ownership) run now, on the caller's thread. Under DDP only
+    rank 0 snapshots and writes; the other ranks get a completed handle at once and never
+    wait for the write. ``after(path)`` runs on the writer thread once the file is written.
+    """
+    _refuse_non_finite(handler, path, resume)
+    if not handler._dist.is_main:
+        done = SaveHandle(Path(path))
+        done._future.set_result(Path(path))
+        return done
+    _check_replace(handler, path, guard_replace)
+    payload = handler_payload(handler, include_datasets=include_datasets, resume=resume)
+    # embedded datasets are not copied: training never modifies them
+    handle = handler._background_writer().submit(payload, path, after=after, share=_SHARED)
+    handler._log(f"saving {path} in the background")
+    return handle
+
+
+_SHARED = frozenset({"data"})
+
+
+def _check_replace(handler: NNHandler, path: str, guard_replace: bool) -> None:
+    if guard_replace and not may_replace(path, run_id=handler._run_id):
+        raise CheckpointError(
+            f"did not write checkpoint {path!r}: a file of that name exists and was not "
+            "written by this run. The automatic-save settings came from a checkpoint "
+            "file, and nnh never replaces a file on a file's say-so. What to do: call "
+            "handler.auto_save(...) (or set the callback's folder) to confirm where to "
+            "save, or move that file.",
+            path=path,
+            kind="not_owned",
+        )
+
+
+def _refuse_non_finite(handler: NNHandler, path: str, resume: dict[str, Any] | None) -> None:
+    bad = non_finite_state(handler, resume)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteStateError(
+            f"did not write checkpoint {path!r}: the state is not finite ({shown} hold NaN or "
+            "inf). A diverged state is never saved, so the last good checkpoint stays. What "
+            "to do: lower the learning rate, clip gradients (gradient_clipping_norm=...), or "
+            "check the data and the loss; then resume from the last good checkpoint.",
+            path=path,
+            kind="non_finite",
+        )
 
 
 def check_resume_batch_size(resume: dict[str, Any], loader: Any) -> None:
@@ -174,3 +219,23 @@ def check_resume_batch_size(resume: dict[str, Any], loader: Any) -> None:
 def _source(resume: dict[str, Any]) -> str:
     source = resume.get("source")
     return f" {source!r}" if source else ""
+
+
+def wait_for_saves(handler: NNHandler, timeout: float | None = None) -> None:
+    """Wait for the handler's background saves; raise the first one's error (naming its file)."""
+    writer = handler.__dict__.get("_saves")
+    if writer is None:
+        return
+    errors = writer.wait(timeout)
+    if errors:
+        raise errors[0]
+
+
+def raise_save_failures(handler: NNHandler) -> None:
+    """Raise the error of a background save that has failed since the last check."""
+    writer = handler.__dict__.get("_saves")
+    if writer is None:
+        return
+    errors = writer.failures()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,97 @@
+"""Background checkpointing: how much of a blocking save's cost does training still pay?
+
+Trains one epoch of a 4.7M-parameter MLP (512-1400-1400-1400-10, Adam: 56 MB of state per
+checkpoint), batch 64, one torch thread, three ways in interleaved rounds:
+
+* ``none``  : no checkpoints
+* ``sync``  : ``auto_save(every_n_steps=4)``: a durable step checkpoint every 4 steps
+* ``async`` : the same with ``async_save=True`` (snapshot at the step, written on a
+              background thread; ``train()`` returns once every write is on disk)
+
+and reports the median epoch times and the overhead ratio
+``(async - none) / (sync - none)`` (median over rounds). The issue's goal is <= 0.35.
+
+    python benchmarks/bench_async_save.py [--rounds 5] [--dir DIR] [--quiet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from nnh import NNHandler
+
+
+class WideMLP(nn.Module):
+    def __init__(self, d_in: int = 512, hidden: int = 1400, n_classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_in, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, n_classes),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def epoch_time(mode: str, folder: Path, data: TensorDataset) -> float:
+    torch.manual_seed(0)
+    h = NNHandler(WideMLP, model_type="classification")
+    h.set_optimizer(torch.optim.Adam, lr=1e-4)
+    h.set_loss_fn(nn.functional.cross_entropy)
+    h.set_train_loader(data, batch_size=64, shuffle=True)
+    if mode != "none":
+        h.auto_save(None, save_path=str(folder / mode), name="run", every_n_steps=4,
+                    async_save=(mode == "async"))  # fmt: skip
+    start = time.perf_counter()
+    h.train(1, progress_bar=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    params = sum(p.numel() for p in WideMLP().parameters())
+    gen = torch.Generator().manual_seed(0)
+    n = 64 * args.steps
+    data = TensorDataset(torch.randn(n, 512, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+    folder = Path(tempfile.mkdtemp(prefix="nnh-bench-async-", dir=args.dir))
+    modes = ["none", "sync", "async"]
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        epoch_time("async", folder, data)  # warm-up
+        for r in range(args.rounds):
+            for mode in modes[r % 3 :] + modes[: r % 3]:
+                times[mode].append(epoch_time(mode, folder, data))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    ratios = [
+        (a - n0) / (s - n0)
+        for n0, s, a in zip(times["none"], times["sync"], times["async"])
+        if s > n0
+    ]
+    if not args.quiet:
+        print(f"{params / 1e6:.2f}M parameters, {args.steps} steps, checkpoint every 4 steps")
+        for mode in modes:
+            print(f"{mode:>6}: median {statistics.median(times[mode]):.3f} s  {[round(t, 3) for t in times[mode]]}")
+        print(f"per-round overhead ratios: {[round(x, 3) for x in ratios]}")
+    print(f"async/sync overhead ratio {statistics.median(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
