@@ -82,7 +82,7 @@ def test_a_newer_snapshot_supersedes_a_queued_one_for_the_same_file(tmp_path):
 
     writer = BackgroundWriter(write=slow_write)
     w = torch.zeros(2)
-    first = writer.submit({"w": w}, tmp_path / "a.pth")  # starts, blocks in slow_write
+    writer.submit({"w": w}, tmp_path / "a.pth")  # starts, blocks in slow_write
     while not started:
         time.sleep(0.01)
     w += 1
@@ -157,7 +157,7 @@ def test_kill_9_during_background_writes_never_leaves_a_partial_file(tmp_path):
         payload = load_checkpoint(target)  # checksums verify: never a partial file
         value = payload["model_state_dict"]["weight"][0, 0].item()
         assert value == int(value) >= 0
-        assert all(p == target or p in list_temp_files(tmp_path) or p == script for p in tmp_path.iterdir())
+        assert all(p in (target, script) or p in list_temp_files(tmp_path) for p in tmp_path.iterdir())
 
 
 def test_async_checkpointing_overhead_is_a_fraction_of_blocking(tmp_path):
