@@ -169,3 +169,25 @@ def test_async_checkpointing_overhead_is_a_fraction_of_blocking(tmp_path):
     )  # fmt: skip
     ratio = float(out.stdout.strip().splitlines()[-1].split()[-1])
     assert ratio <= 0.7, out.stdout
+
+
+def test_under_ddp_rank_0_writes_and_the_other_ranks_never_wait(tmp_path):
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in ENV.items()
+           if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "TORCHELASTIC"))}  # fmt: skip
+    script = Path(__file__).with_name("async_ddp_script.py")
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "--master_addr=127.0.0.1", str(script), str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    # rank 0 returns only once its (slow) writes are on disk; rank 1 never waited for them
+    assert rank0["train_s"] >= rank1["train_s"] + 1.5, (rank0, rank1)
+    assert "e2.pth" in rank0["written"]
+    assert load_checkpoint(tmp_path / "e2.pth")["train_state"]["counters"]["epoch"] == 2
