@@ -70,6 +70,15 @@ def test_train_save_load_in_new_process_train_is_bitwise_equal(straight, tmp_pat
     compare_runs(straight, out)
 
 
+def _reached(marker: Path, *, epoch: int, batch: int) -> bool:
+    """Whether the run's marker says it is in ``epoch`` at batch ``batch`` or later."""
+    try:
+        at_epoch, at_batch = map(int, marker.read_text().split())
+    except (FileNotFoundError, ValueError):
+        return False
+    return at_epoch == epoch and at_batch >= batch
+
+
 def _kill_when(proc: subprocess.Popen, ready, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -95,14 +104,7 @@ def test_kill_9_mid_epoch_resumes_bitwise_from_step_checkpoint(straight, tmp_pat
     marker = tmp_path / "marker"
     proc = start("stepsave", str(tmp_path / "never.pth"), str(tmp_path), "--slow", "0.2", "--marker", str(marker))
 
-    def mid_epoch_three() -> bool:
-        try:
-            epoch, batch = map(int, marker.read_text().split())
-        except (FileNotFoundError, ValueError):
-            return False
-        return epoch == 3 and batch >= 2
-
-    _kill_when(proc, mid_epoch_three)
+    _kill_when(proc, lambda: _reached(marker, epoch=3, batch=2))
     (step_ckpt,) = tmp_path.glob("run.step-*.pth")  # one recovery file for the run
     resume = load_checkpoint(step_ckpt)["resume"]
     assert resume["epoch"] == 3 and 0 < resume["batch_offset"] < 8  # really mid-epoch
@@ -119,14 +121,7 @@ def test_kill_9_mid_epoch_resumes_bitwise_from_background_step_checkpoint(straig
         "stepsave_async", str(tmp_path / "never.pth"), str(tmp_path), "--slow", "0.2", "--marker", str(marker)
     )
 
-    def mid_epoch_three() -> bool:
-        try:
-            epoch, batch = map(int, marker.read_text().split())
-        except (FileNotFoundError, ValueError):
-            return False
-        return epoch == 3 and batch >= 3
-
-    _kill_when(proc, mid_epoch_three)
+    _kill_when(proc, lambda: _reached(marker, epoch=3, batch=3))
     (step_ckpt,) = tmp_path.glob("run.step-*.pth")
     resume = load_checkpoint(step_ckpt)["resume"]
     assert resume["epoch"] == 3 and 0 < resume["batch_offset"] < 8
