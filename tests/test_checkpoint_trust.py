@@ -82,6 +82,8 @@ MARKER_CASES = {
         fn={"kind": "module", "class": "torch.save", "options": {}, "state_dict": {}}
     ),
     "metric builtins.eval": lambda p, m: p.update(metrics={"acc": "builtins.eval"}),
+    "loss torch.save": lambda p, m: p["loss"].update(fn="torch.save"),
+    "metric torch.hub.load": lambda p, m: p.update(metrics={"acc": "torch.hub.load"}),
     "metric non-function torch object": lambda p, m: p.update(metrics={"acc": "torch.nn.Linear"}),
     "optimizer subprocess.Popen": lambda p, m: p["optimizer"].update(**{"class": "subprocess.Popen"}),
     "scheduler that is an optimizer": lambda p, m: p.update(

@@ -56,6 +56,14 @@ _FALLBACK_STDLIB = frozenset(
 )  # fmt: skip
 
 
+# The torch modules whose functions may be a loss or metric: tensor maths only. torch's
+# functions that read or write files (torch.save, torch.hub), compile or configure are not.
+_TORCH_MATH = frozenset(
+    {"torch", "torch.functional", "torch.nn.functional", "torch.linalg", "torch.special",
+     "torch.fft", "torch._C._nn", "torch._C._linalg", "torch._C._special", "torch._C._fft"}
+)  # fmt: skip
+
+
 def _stdlib_names() -> frozenset[str]:
     return frozenset(getattr(sys, "stdlib_module_names", _FALLBACK_STDLIB)) | _FALLBACK_STDLIB
 
@@ -143,24 +151,27 @@ def resolve_class_record(
 def is_trusted_function(fn: Any) -> bool:
     """Whether ``fn`` may serve as a loss or metric loaded from a file.
 
-    True for functions of torch (Python or built-in) and for plain Python functions defined
-    outside the standard library; False for everything else (``os.system``,
-    ``shutil.rmtree``, ``builtins.eval``, classes, methods, ...).
+    True for torch's tensor maths (``torch.*`` operations, ``torch.nn.functional``,
+    ``torch.linalg``, ``torch.special``, ``torch.fft``) and for plain Python functions defined
+    outside the standard library and outside torch; False for everything else
+    (``os.system``, ``shutil.rmtree``, ``builtins.eval``, ``torch.save``, ``torch.compile``,
+    classes, methods, ...).
 
     Example:
         >>> import os, shutil, torch
         >>> [is_trusted_function(f) for f in (torch.nn.functional.mse_loss, torch.sum,
-        ...                                   os.system, shutil.rmtree, eval)]
-        [True, True, False, False, False]
+        ...                                   os.system, shutil.rmtree, eval, torch.save,
+        ...                                   torch.compile)]
+        [True, True, False, False, False, False, False]
     """
     module = getattr(fn, "__module__", None) or ""
     root = module.split(".")[0]
-    if isinstance(fn, types.BuiltinFunctionType):
-        return root == "torch"
+    if isinstance(fn, types.BuiltinFunctionType):  # torch's tensor operations
+        return module in _TORCH_MATH
     if not isinstance(fn, types.FunctionType):
         return False
-    if root == "torch":
-        return True
+    if root == "torch":  # torch's maths, not its file, hub or compiler functions
+        return module in _TORCH_MATH and module != "torch"
     if root in _stdlib_names() or not module:
         return False
     return not inspect.isgeneratorfunction(fn) and not inspect.iscoroutinefunction(fn)
