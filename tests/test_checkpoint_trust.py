@@ -27,6 +27,7 @@ from models import MLP, ScaledCrossEntropy, accuracy, classification_data, smoot
 from torch import nn
 
 from nnh import NNHandler
+from nnh.callbacks import ModelCheckpoint
 from nnh.checkpoint import CheckpointError, KeyMismatchWarning, load_checkpoint, save_checkpoint
 from nnh.checkpoint.ownership import read_run_id
 from nnh.persistence import handler_payload
@@ -117,7 +118,8 @@ def test_untrusted_error_names_the_record_and_what_was_found(tmp_path):
 
 
 # ------------------------------------------------------------------ 2. nnh deletes only its own files
-def test_stored_paths_cannot_make_nnh_delete_or_replace_unrelated_files(tmp_path):
+def test_stored_paths_cannot_make_nnh_delete_or_replace_unrelated_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the save folders below are relative: under the working folder
     precious = tmp_path / "thesis.txt"
     precious.write_text("years of work")
     other_run = tmp_path / "other" / "best.pth"
@@ -127,12 +129,12 @@ def test_stored_paths_cannot_make_nnh_delete_or_replace_unrelated_files(tmp_path
     ckpt = tmp_path / "ckpt"
 
     def edit(p):
-        p["auto_saver"].update(interval=1, save_path=str(ckpt), name="e{epoch}", overwrite=True,
+        p["auto_saver"].update(interval=1, save_path="ckpt", name="e{epoch}", overwrite=True,
                                last_saved=str(precious))  # fmt: skip
         p["callbacks"] = [
             {
                 "class": "nnh.callbacks.model_checkpoint.ModelCheckpoint",
-                "config": {"dirpath": str(ckpt), "filename": "best{epoch}", "monitor": "loss"},
+                "config": {"dirpath": "ckpt", "filename": "best{epoch}", "monitor": "loss"},
                 "state": {"best_score": float("inf"), "best_path": str(other_run),
                           "saved": [str(precious), str(other_run)]},
             }
@@ -160,6 +162,34 @@ def test_automatic_save_from_a_file_never_replaces_a_file_it_did_not_write(tmp_p
     h.auto_save(1, save_path=str(tmp_path), name="model")  # the user confirms: now it may
     h.train(1, progress_bar=False)
     assert read_run_id(precious) == h._run_id
+
+
+@pytest.mark.parametrize("who", ["auto_saver", "ModelCheckpoint"])
+def test_a_file_cannot_choose_a_folder_outside_the_run(tmp_path, who):
+    target = tmp_path / "site-packages"  # absolute, and not a folder this run saved to
+    target.mkdir()
+
+    def edit(p):
+        if who == "auto_saver":
+            p["auto_saver"].update(interval=1, save_path=str(target), name="evil")
+        else:
+            p["callbacks"] = [{"class": "nnh.callbacks.ModelCheckpoint",
+                               "config": {"dirpath": str(target), "filename": "evil", "monitor": None,
+                                          "save_last": True},
+                               "state": {"best_score": 0.0, "best_path": None, "saved": []}}]  # fmt: skip
+
+    h = NNHandler.load(str(hostile(tmp_path, edit)))
+    with pytest.raises(CheckpointError, match="came from a checkpoint file") as info:
+        h.train(1, progress_bar=False)
+    assert info.value.kind == "not_owned" and list(target.iterdir()) == []
+
+
+def test_file_names_with_folders_are_refused(tmp_path):
+    h = make_handler()
+    with pytest.raises(ValueError, match="file name"):
+        h.auto_save(1, save_path=str(tmp_path), name="../escape_{epoch}")
+    with pytest.raises(ValueError, match="file name"):
+        ModelCheckpoint(str(tmp_path), filename="sub/best_{epoch}")
 
 
 def test_resumed_run_keeps_rotating_its_own_files(tmp_path):

@@ -74,6 +74,11 @@ class AutoSaver:
             )
         if not isinstance(self.name, str) or not self.name:
             raise ValueError("auto_save name must be a non-empty format string")
+        if "/" in self.name or "\\" in self.name:
+            raise ValueError(
+                f"auto_save name {self.name!r} must be a file name, not a path: put the folder "
+                "in save_path"
+            )
 
     @property
     def enabled(self) -> bool:

@@ -24,7 +24,7 @@ import torch
 
 from nnh.checkpoint import CheckpointError, save_checkpoint
 from nnh.checkpoint.background import SaveHandle
-from nnh.checkpoint.ownership import may_replace
+from nnh.checkpoint.ownership import folder_may_receive, may_replace
 from nnh.persistence import handler_payload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -155,7 +155,22 @@ _SHARED = frozenset({"data"})
 
 
 def _check_replace(handler: NNHandler, path: str, guard_replace: bool) -> None:
-    if guard_replace and not may_replace(path, run_id=handler._run_id):
+    """For automatic saves configured by a loaded file: the folder and the file must be this
+    run's to write (:mod:`nnh.checkpoint.ownership`)."""
+    if not guard_replace:
+        return
+    folder = Path(path).parent
+    if not folder_may_receive(folder, run_id=handler._run_id):
+        raise CheckpointError(
+            f"did not write checkpoint {path!r}: its folder {str(folder)!r} came from a "
+            "checkpoint file and is neither under the working folder nor a folder where this "
+            "run saved before; nnh does not write where a file says on its own authority. "
+            "What to do: call handler.auto_save(...) (or set the callback's folder) to "
+            "confirm where to save.",
+            path=path,
+            kind="not_owned",
+        )
+    if not may_replace(path, run_id=handler._run_id):
         raise CheckpointError(
             f"did not write checkpoint {path!r}: a file of that name exists and was not "
             "written by this run. The automatic-save settings came from a checkpoint "

@@ -43,6 +43,11 @@ class ModelCheckpoint(Callback):
         save_last: bool = False,
     ):
         super().__init__()
+        if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename:
+            raise ValueError(
+                f"ModelCheckpoint filename {filename!r} must be a file name (a format string), "
+                "not a path: put the folder in dirpath"
+            )
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint mode must be 'min' or 'max', got {mode!r}")
         if every_n_epochs is not None and every_n_epochs < 1:

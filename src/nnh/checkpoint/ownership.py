@@ -36,7 +36,14 @@ import torch
 
 from nnh.checkpoint.format import FORMAT_KEY
 
-__all__ = ["RUN_KEY", "may_replace", "new_run_id", "read_run_id", "remove_owned"]
+__all__ = [
+    "RUN_KEY",
+    "folder_may_receive",
+    "may_replace",
+    "new_run_id",
+    "read_run_id",
+    "remove_owned",
+]
 
 PathLike = str | os.PathLike[str]
 RUN_KEY = "run"
@@ -149,3 +156,27 @@ def may_replace(path: PathLike, *, run_id: str) -> bool:
     if not os.path.lexists(file):
         return True
     return _regular_file(file) and read_run_id(file) == run_id
+
+
+def folder_may_receive(folder: PathLike, *, run_id: str) -> bool:
+    """Whether a save folder named by a checkpoint file may receive this run's files.
+
+    True for a relative folder that stays under the working folder (no ``..``), and for a
+    folder that already holds a checkpoint of run ``run_id`` (the run's own folder, e.g.
+    when resuming from ``/scratch/me/ckpt/e5.pth``); False otherwise, so that a file from a
+    stranger cannot make nnh write into ``~/.config`` or a ``site-packages`` folder.
+
+    Example:
+        >>> folder_may_receive("checkpoints/run1", run_id="r1")
+        True
+        >>> folder_may_receive("../elsewhere", run_id="r1"), folder_may_receive("/etc", run_id="r1")
+        (False, False)
+    """
+    path = Path(folder)
+    if not path.is_absolute() and ".." not in path.parts:
+        return True
+    try:
+        entries = [e for e in path.iterdir() if e.suffix == ".pth"]
+    except OSError:
+        return False
+    return any(read_run_id(e) == run_id for e in entries[:1000])
