@@ -1556,14 +1556,20 @@ class NNHandler:
         t1: float | None = None,
         apply_ema: bool = True,
         pbar: bool = False,
+        verbose: int | bool | None = None,
+        fresh_probes: bool = True,
+        differentiable: bool = False,
     ) -> torch.Tensor | None:
         """log p(x) in nats per sample via the probability-flow ODE and Hutchinson's estimator.
 
         ``n_cotangent_vectors`` probes of ``noise_type`` (``'rademacher'`` or ``'gaussian'``)
-        are drawn once and kept along the trajectory, all batched in one vector-Jacobian
-        product per drift evaluation. ``method``: ``'Euler'`` (``ode_steps`` evaluations),
-        ``'Heun'`` (``2 * ode_steps``) or ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to
-        ``sde.epsilon``/``sde.T``. Rank 0 only.
+        are drawn afresh at every ODE step (``fresh_probes=False``: once, for the whole
+        trajectory), all batched in one vector-Jacobian product per drift evaluation.
+        ``method``: ``'Euler'`` (``ode_steps`` evaluations), ``'Heun'`` (``2 * ode_steps``) or
+        ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to ``sde.epsilon``/``sde.T``.
+        ``verbose`` (score_models' keyword) overrides ``pbar``. Memory does not grow with
+        ``ode_steps``; ``differentiable=True`` keeps the graph (use ``apply_ema=False``).
+        Rank 0 only. See :mod:`nnh.generation`.
 
         Example:
             >>> from nnh.generative import VPSDE
@@ -1577,46 +1583,24 @@ class NNHandler:
             >>> h.log_likelihood(torch.zeros(3, 2), ode_steps=4, method="Heun").shape
             torch.Size([3])
         """
-        from nnh.generative.divergence import sample_probes
-        from nnh.generative.likelihood import log_likelihood_ode
+        from nnh.generation import handler_log_likelihood
 
-        sde = self._require_sde("log_likelihood")
-        if not self._dist.is_main:
-            return None
-        if not isinstance(n_cotangent_vectors, int) or n_cotangent_vectors < 1:
-            raise ValueError(
-                f"n_cotangent_vectors must be an int >= 1, got {n_cotangent_vectors!r}"
-            )
-        x = x.to(self._device)
-        args = tuple(a.to(self._device) if isinstance(a, torch.Tensor) else a for a in args)
-        if noise_type not in ("rademacher", "gaussian"):
-            raise ValueError(f"noise_type={noise_type!r}: use 'rademacher' or 'gaussian'")
-        probes = sample_probes(
-            (n_cotangent_vectors, *x.shape), noise_type, device=x.device, dtype=x.dtype
+        return handler_log_likelihood(
+            self,
+            x,
+            args,
+            ode_steps=ode_steps,
+            n_cotangent_vectors=n_cotangent_vectors,
+            noise_type=noise_type,
+            method=method,
+            t0=t0,
+            t1=t1,
+            apply_ema=apply_ema,
+            pbar=pbar,
+            verbose=verbose,
+            fresh_probes=fresh_probes,
+            differentiable=differentiable,
         )
-        progress = tqdm(
-            total=ode_steps, desc="Log-likelihood", disable=not pbar, dynamic_ncols=True
-        )
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self._ema_weights(apply_ema):
-                out = log_likelihood_ode(
-                    sde,
-                    lambda t, y: self.score(t, y, *args),
-                    x,
-                    steps=ode_steps,
-                    probes=probes,
-                    method=method,
-                    t0=t0,
-                    t1=t1,
-                    progress=progress,
-                )
-            return out.detach()
-        finally:
-            progress.close()
-            if was_training:
-                self._train_mode()
 
     # ------------------------------------------------------------------ utilities
     def compile_model(self, **kwargs: Any) -> None:
