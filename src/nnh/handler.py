@@ -1488,13 +1488,24 @@ class NNHandler:
         apply_ema: bool = True,
         bar: bool = True,
         stop_on_NaN: bool = True,
+        method: str = "em",
+        ode_method: str = "Heun",
+        corrector_steps: int = 1,
+        snr: float = 0.16,
+        denoise: bool = False,
+        time_grid: str = "uniform",
     ) -> torch.Tensor | None:
-        """Samples from the reverse-time SDE (Euler-Maruyama, one model call per step).
+        """Samples ``shape`` from the model: reverse-SDE ``"em"``, predictor-corrector ``"pc"`` or ``"ode"``.
 
         ``condition`` items go to the model after ``(t, x)``; ``likelihood_score_fn(t, x)``
-        adds ``guidance_factor`` times its value to the score. The last step returns the
-        noise-free mean. Rank 0 only (``None`` elsewhere). Noise comes from the global
-        generator (seed it with ``handler.seed``).
+        adds ``guidance_factor`` times its value to the score (every method). ``"em"``
+        (default): Euler-Maruyama, one model call per step, the last step noise-free.
+        ``"pc"``: ``corrector_steps`` Langevin steps (``snr``) before each EM step.
+        ``"ode"``: the probability-flow ODE with ``ode_method`` (``"Euler"``, ``"Heun"``,
+        ``"RK4"``). ``time_grid``: ``"uniform"`` or ``"edm"``; ``denoise``: a final Tweedie
+        step. Noise comes from the global generator (seed it with ``handler.seed``). Under
+        DDP every rank must call it: the ``shape[0]`` samples are split across ranks and
+        rank 0 returns all of them, the others ``None``. See :mod:`nnh.generation`.
 
         Example:
             >>> from nnh.generative import VPSDE
@@ -1507,46 +1518,32 @@ class NNHandler:
             >>> h = NNHandler(Zero, model_type="score_based"); h.set_sde(VPSDE)
             >>> h.sample((5, 2), steps=10, bar=False).shape
             torch.Size([5, 2])
+            >>> h.sample((5, 2), steps=10, bar=False, method="ode", time_grid="edm").shape
+            torch.Size([5, 2])
         """
-        from nnh.generative.sampling import sample_reverse_sde
+        from nnh.generation import handler_sample
 
-        sde = self._require_sde("sample")
-        if not self._dist.is_main:
-            return None
-        if isinstance(condition, torch.Tensor):
-            condition = [condition]
-        extra = [
-            c.to(self._device) if isinstance(c, torch.Tensor) else c for c in (condition or [])
-        ]
-
-        def score_fn(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return self.score(t, x, *extra)
-
-        progress = tqdm(total=steps, desc="Sampling", disable=not bar, dynamic_ncols=True)
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self._ema_weights(apply_ema):
-                return sample_reverse_sde(
-                    sde,
-                    score_fn,
-                    tuple(shape),
-                    steps,
-                    device=self._device,
-                    guidance_fn=likelihood_score_fn,
-                    guidance_factor=guidance_factor,
-                    stop_on_nan=stop_on_NaN,
-                    progress=progress,
-                )
-        finally:
-            progress.close()
-            if was_training:
-                self._train_mode()
+        return handler_sample(
+            self,
+            shape,
+            steps,
+            condition,
+            likelihood_score_fn,
+            guidance_factor,
+            apply_ema,
+            bar,
+            stop_on_NaN,
+            method=method,
+            ode_method=ode_method,
+            corrector_steps=corrector_steps,
+            snr=snr,
+            denoise=denoise,
+            time_grid=time_grid,
+        )
 
     def log_likelihood(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Dataset | DataLoader,
         *args: Any,
         ode_steps: int,
         n_cotangent_vectors: int = 1,
@@ -1562,14 +1559,17 @@ class NNHandler:
     ) -> torch.Tensor | None:
         """log p(x) in nats per sample via the probability-flow ODE and Hutchinson's estimator.
 
-        ``n_cotangent_vectors`` probes of ``noise_type`` (``'rademacher'`` or ``'gaussian'``)
-        are drawn afresh at every ODE step (``fresh_probes=False``: once, for the whole
+        ``x``: a tensor ``[B, ...]`` (rank 0 only; ``None`` elsewhere) or a ``Dataset`` /
+        ``DataLoader`` of ``x`` or ``(x, *condition)`` batches, sharded across ranks under DDP
+        and returned on rank 0 as one tensor in dataset order (every rank must call).
+        ``n_cotangent_vectors`` probes of ``noise_type`` (``'rademacher'`` or ``'gaussian'``;
+        ``'exact'`` for the exact divergence) are drawn afresh at every ODE step (``fresh_probes=False``: once, for the whole
         trajectory), all batched in one vector-Jacobian product per drift evaluation.
         ``method``: ``'Euler'`` (``ode_steps`` evaluations), ``'Heun'`` (``2 * ode_steps``) or
         ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to ``sde.epsilon``/``sde.T``.
         ``verbose`` (score_models' keyword) overrides ``pbar``. Memory does not grow with
         ``ode_steps``; ``differentiable=True`` keeps the graph (use ``apply_ema=False``).
-        Rank 0 only. See :mod:`nnh.generation`.
+        See :mod:`nnh.generation`.
 
         Example:
             >>> from nnh.generative import VPSDE
