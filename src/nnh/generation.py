@@ -12,10 +12,15 @@ Under DDP (every rank must make the call):
   (rank 0's first); the other ranks return ``None``.
 - ``log_likelihood`` of a ``Dataset``/``DataLoader`` is sharded like ``predict`` and
   gathered on rank 0 in dataset order; a tensor ``x`` is computed by rank 0 alone.
+- Inside :func:`rank_local` (``get_samples`` runs a custom sampler in it, on rank 0 only)
+  ``sample`` draws all ``N`` samples on the calling rank, with no collective.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,6 +41,7 @@ __all__ = [
     "handler_sample",
     "progress_flag",
     "rank_generator",
+    "rank_local",
     "split_count",
 ]
 
@@ -57,6 +63,25 @@ def progress_flag(pbar: bool, verbose: int | bool | None) -> bool:
     raise TypeError(f"verbose must be an int or bool (0 = silent), got {type(verbose).__name__}")
 
 
+_RANK_LOCAL = contextvars.ContextVar("nnh_rank_local_sampling", default=False)
+
+
+@contextlib.contextmanager
+def rank_local() -> Iterator[None]:
+    """Within this block ``sample`` runs on the calling rank alone (no split, no gather).
+
+    Example:
+        >>> with rank_local():
+        ...     _RANK_LOCAL.get()
+        True
+    """
+    token = _RANK_LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _RANK_LOCAL.reset(token)
+
+
 def split_count(n: int, world_size: int, rank: int) -> tuple[int, int]:
     """``(start, count)`` of rank ``rank``'s share of ``n`` items, the first ``n % world_size`` ranks one more.
 
@@ -74,7 +99,7 @@ def rank_generator(handler: Any) -> torch.Generator | None:
     one draw of the global RNG (the same on every rank when they share a seed) plus the rank.
     """
     dist = handler._dist
-    if not dist.enabled:
+    if not dist.enabled or _RANK_LOCAL.get():
         return None
     base = int(torch.randint(0, 2**62, (1,)))
     return torch.Generator(device=handler.device).manual_seed(base + dist.rank)
@@ -137,8 +162,9 @@ def handler_sample(
     shape = check_sample_shape(shape)
     check_sampler_options(method, ode_method, corrector_steps, snr, time_grid)
     dist = handler._dist
+    split = dist.enabled and not _RANK_LOCAL.get()
     n = shape[0]
-    start, count = split_count(n, dist.world_size, dist.rank) if dist.enabled else (0, n)
+    start, count = split_count(n, dist.world_size, dist.rank) if split else (0, n)
     generator = rank_generator(handler)
     extra = _rank_condition(condition, handler.device, n, start, count)
 
@@ -149,7 +175,10 @@ def handler_sample(
     x = None
     if count > 0:
         progress = tqdm(
-            total=steps, desc="Sampling", disable=not bar or not dist.is_main, dynamic_ncols=True
+            total=steps,
+            desc="Sampling",
+            disable=not bar or (split and not dist.is_main),
+            dynamic_ncols=True,
         )
         try:
             with _EvalSession(handler, apply_ema):
@@ -173,7 +202,7 @@ def handler_sample(
                 )
         finally:
             progress.close()
-    if not dist.enabled:
+    if not split:
         return x
     parts = dist.gather_objects(None if x is None else x.detach().cpu())
     if not dist.is_main:

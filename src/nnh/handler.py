@@ -1446,7 +1446,10 @@ class NNHandler:
             raise RuntimeError("no sampler: call set_sampler(SamplerClass, **kwargs) first")
         if not self._dist.is_main:
             return None
-        return self._sampler.sample(N, device=device if device is not None else self._device)
+        from nnh.generation import rank_local
+
+        with rank_local():  # a sampler calling self.sample on rank 0 alone must not wait for peers
+            return self._sampler.sample(N, device=device if device is not None else self._device)
 
     def _require_sde(self, what: str) -> Any:
         if self._sde is None:
