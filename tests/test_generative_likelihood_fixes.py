@@ -152,3 +152,19 @@ def test_verbose_is_accepted_beside_pbar(capsys):
     assert quiet.shape == (3,)
     with pytest.raises(TypeError, match="verbose must be an int or bool"):
         h.log_likelihood(x, ode_steps=3, verbose="yes")
+
+
+# ---------------------------------------------------------------- datasets and loaders
+def test_log_likelihood_of_a_dataset_or_loader_is_the_tensor_result_in_order():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    h = gaussian_handler()
+    x, c = torch.randn(11, 2), torch.randn(11, 2)
+    exact = h.log_likelihood(x, ode_steps=4, noise_type="exact")
+    assert torch.allclose(h.log_likelihood(TensorDataset(x), ode_steps=4, noise_type="exact"), exact)
+    loader = DataLoader(TensorDataset(x), batch_size=4)
+    assert torch.allclose(h.log_likelihood(loader, ode_steps=4, noise_type="exact"), exact)
+    # (x, c) batches: c goes to the model as the condition, like a positional argument
+    conditioned = h.log_likelihood(x, c, ode_steps=4, noise_type="exact")
+    from_pairs = h.log_likelihood(TensorDataset(x, c), ode_steps=4, noise_type="exact")
+    assert torch.allclose(from_pairs, conditioned) and not torch.allclose(conditioned, exact)
