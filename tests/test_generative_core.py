@@ -591,7 +591,10 @@ def test_divergence_and_likelihood_work_with_a_module_on_images_under_no_grad():
         )
     assert lp.shape == (4,) and torch.isfinite(lp).all() and not lp.requires_grad
     assert samples.shape == (4, 2, 3, 3)
-    # with grad enabled the likelihood is differentiable w.r.t. the model parameters
-    lp_grad = log_likelihood_ode(sde, net, x, steps=2, probes=probes, method="Euler")
+    # by default the result carries no graph; differentiable=True keeps it for backprop
+    assert not log_likelihood_ode(sde, net, x, steps=2, probes=probes).requires_grad
+    lp_grad = log_likelihood_ode(
+        sde, net, x, steps=2, probes=probes, method="Euler", differentiable=True
+    )
     lp_grad.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())

@@ -1494,7 +1494,10 @@ class NNHandler:
             raise RuntimeError("no sampler: call set_sampler(SamplerClass, **kwargs) first")
         if not self._dist.is_main:
             return None
-        return self._sampler.sample(N, device=device if device is not None else self._device)
+        from nnh.generation import rank_local
+
+        with rank_local():  # a sampler calling self.sample on rank 0 alone must not wait for peers
+            return self._sampler.sample(N, device=device if device is not None else self._device)
 
     def _require_sde(self, what: str) -> Any:
         if self._sde is None:
@@ -1536,13 +1539,24 @@ class NNHandler:
         apply_ema: bool = True,
         bar: bool = True,
         stop_on_NaN: bool = True,
+        method: str = "em",
+        ode_method: str = "Heun",
+        corrector_steps: int = 1,
+        snr: float = 0.16,
+        denoise: bool = False,
+        time_grid: str = "uniform",
     ) -> torch.Tensor | None:
-        """Samples from the reverse-time SDE (Euler-Maruyama, one model call per step).
+        """Samples ``shape`` from the model: reverse-SDE ``"em"``, predictor-corrector ``"pc"`` or ``"ode"``.
 
         ``condition`` items go to the model after ``(t, x)``; ``likelihood_score_fn(t, x)``
-        adds ``guidance_factor`` times its value to the score. The last step returns the
-        noise-free mean. Rank 0 only (``None`` elsewhere). Noise comes from the global
-        generator (seed it with ``handler.seed``).
+        adds ``guidance_factor`` times its value to the score (every method). ``"em"``
+        (default): Euler-Maruyama, one model call per step, the last step noise-free.
+        ``"pc"``: ``corrector_steps`` Langevin steps (``snr``) before each EM step.
+        ``"ode"``: the probability-flow ODE with ``ode_method`` (``"Euler"``, ``"Heun"``,
+        ``"RK4"``). ``time_grid``: ``"uniform"`` or ``"edm"``; ``denoise``: a final Tweedie
+        step. Noise comes from the global generator (seed it with ``handler.seed``). Under
+        DDP every rank must call it: the ``shape[0]`` samples are split across ranks and
+        rank 0 returns all of them, the others ``None``. See :mod:`nnh.generation`.
 
         Example:
             >>> from nnh.generative import VPSDE
@@ -1555,46 +1569,32 @@ class NNHandler:
             >>> h = NNHandler(Zero, model_type="score_based"); h.set_sde(VPSDE)
             >>> h.sample((5, 2), steps=10, bar=False).shape
             torch.Size([5, 2])
+            >>> h.sample((5, 2), steps=10, bar=False, method="ode", time_grid="edm").shape
+            torch.Size([5, 2])
         """
-        from nnh.generative.sampling import sample_reverse_sde
+        from nnh.generation import handler_sample
 
-        sde = self._require_sde("sample")
-        if not self._dist.is_main:
-            return None
-        if isinstance(condition, torch.Tensor):
-            condition = [condition]
-        extra = [
-            c.to(self._device) if isinstance(c, torch.Tensor) else c for c in (condition or [])
-        ]
-
-        def score_fn(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return self.score(t, x, *extra)
-
-        progress = tqdm(total=steps, desc="Sampling", disable=not bar, dynamic_ncols=True)
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self._ema_weights(apply_ema):
-                return sample_reverse_sde(
-                    sde,
-                    score_fn,
-                    tuple(shape),
-                    steps,
-                    device=self._device,
-                    guidance_fn=likelihood_score_fn,
-                    guidance_factor=guidance_factor,
-                    stop_on_nan=stop_on_NaN,
-                    progress=progress,
-                )
-        finally:
-            progress.close()
-            if was_training:
-                self._train_mode()
+        return handler_sample(
+            self,
+            shape,
+            steps,
+            condition,
+            likelihood_score_fn,
+            guidance_factor,
+            apply_ema,
+            bar,
+            stop_on_NaN,
+            method=method,
+            ode_method=ode_method,
+            corrector_steps=corrector_steps,
+            snr=snr,
+            denoise=denoise,
+            time_grid=time_grid,
+        )
 
     def log_likelihood(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | Dataset | DataLoader,
         *args: Any,
         ode_steps: int,
         n_cotangent_vectors: int = 1,
@@ -1604,14 +1604,23 @@ class NNHandler:
         t1: float | None = None,
         apply_ema: bool = True,
         pbar: bool = False,
+        verbose: int | bool | None = None,
+        fresh_probes: bool = True,
+        differentiable: bool = False,
     ) -> torch.Tensor | None:
         """log p(x) in nats per sample via the probability-flow ODE and Hutchinson's estimator.
 
-        ``n_cotangent_vectors`` probes of ``noise_type`` (``'rademacher'`` or ``'gaussian'``)
-        are drawn once and kept along the trajectory, all batched in one vector-Jacobian
-        product per drift evaluation. ``method``: ``'Euler'`` (``ode_steps`` evaluations),
-        ``'Heun'`` (``2 * ode_steps``) or ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to
-        ``sde.epsilon``/``sde.T``. Rank 0 only.
+        ``x``: a tensor ``[B, ...]`` (rank 0 only; ``None`` elsewhere) or a ``Dataset`` /
+        ``DataLoader`` of ``x`` or ``(x, *condition)`` batches, sharded across ranks under DDP
+        and returned on rank 0 as one tensor in dataset order (every rank must call).
+        ``n_cotangent_vectors`` probes of ``noise_type`` (``'rademacher'`` or ``'gaussian'``;
+        ``'exact'`` for the exact divergence) are drawn afresh at every ODE step (``fresh_probes=False``: once, for the whole
+        trajectory), all batched in one vector-Jacobian product per drift evaluation.
+        ``method``: ``'Euler'`` (``ode_steps`` evaluations), ``'Heun'`` (``2 * ode_steps``) or
+        ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to ``sde.epsilon``/``sde.T``.
+        ``verbose`` (score_models' keyword) overrides ``pbar``. Memory does not grow with
+        ``ode_steps``; ``differentiable=True`` keeps the graph (use ``apply_ema=False``).
+        See :mod:`nnh.generation`.
 
         Example:
             >>> from nnh.generative import VPSDE
@@ -1625,46 +1634,24 @@ class NNHandler:
             >>> h.log_likelihood(torch.zeros(3, 2), ode_steps=4, method="Heun").shape
             torch.Size([3])
         """
-        from nnh.generative.divergence import sample_probes
-        from nnh.generative.likelihood import log_likelihood_ode
+        from nnh.generation import handler_log_likelihood
 
-        sde = self._require_sde("log_likelihood")
-        if not self._dist.is_main:
-            return None
-        if not isinstance(n_cotangent_vectors, int) or n_cotangent_vectors < 1:
-            raise ValueError(
-                f"n_cotangent_vectors must be an int >= 1, got {n_cotangent_vectors!r}"
-            )
-        x = x.to(self._device)
-        args = tuple(a.to(self._device) if isinstance(a, torch.Tensor) else a for a in args)
-        if noise_type not in ("rademacher", "gaussian"):
-            raise ValueError(f"noise_type={noise_type!r}: use 'rademacher' or 'gaussian'")
-        probes = sample_probes(
-            (n_cotangent_vectors, *x.shape), noise_type, device=x.device, dtype=x.dtype
+        return handler_log_likelihood(
+            self,
+            x,
+            args,
+            ode_steps=ode_steps,
+            n_cotangent_vectors=n_cotangent_vectors,
+            noise_type=noise_type,
+            method=method,
+            t0=t0,
+            t1=t1,
+            apply_ema=apply_ema,
+            pbar=pbar,
+            verbose=verbose,
+            fresh_probes=fresh_probes,
+            differentiable=differentiable,
         )
-        progress = tqdm(
-            total=ode_steps, desc="Log-likelihood", disable=not pbar, dynamic_ncols=True
-        )
-        was_training = self.module.training
-        self.module.eval()
-        try:
-            with self._ema_weights(apply_ema):
-                out = log_likelihood_ode(
-                    sde,
-                    lambda t, y: self.score(t, y, *args),
-                    x,
-                    steps=ode_steps,
-                    probes=probes,
-                    method=method,
-                    t0=t0,
-                    t1=t1,
-                    progress=progress,
-                )
-            return out.detach()
-        finally:
-            progress.close()
-            if was_training:
-                self._train_mode()
 
     # ------------------------------------------------------------------ utilities
     def compile_model(self, **kwargs: Any) -> None:

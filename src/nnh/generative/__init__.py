@@ -7,11 +7,18 @@ arguments (or from an explicit ``torch.Generator``) and inputs are never modifie
 from nnh.generative.divergence import (
     PROBE_KINDS,
     exact_divergence,
+    fresh_probes,
     hutchinson_divergence,
     sample_probes,
     value_and_divergence,
 )
 from nnh.generative.likelihood import log_likelihood_ode
+from nnh.generative.sampler_steps import (
+    langevin_corrector_step,
+    probability_flow_step,
+    tweedie_denoise,
+)
+from nnh.generative.samplers import SAMPLE_METHODS, sample_sde, score_calls
 from nnh.generative.sampling import sample_reverse_sde
 from nnh.generative.score_matching import denoising_score_matching_loss
 from nnh.generative.sde import SDE, VESDE, VPSDE, SubVPSDE
@@ -22,23 +29,35 @@ from nnh.generative.steps import (
     ode_likelihood_step,
     probability_flow_drift,
 )
+from nnh.generative.time_grid import TIME_GRIDS, edm_grid, time_grid, uniform_grid
 
 __all__ = [
     "ODE_METHODS",
     "PROBE_KINDS",
+    "SAMPLE_METHODS",
     "SDE",
+    "TIME_GRIDS",
     "VESDE",
     "VPSDE",
     "SubVPSDE",
     "denoising_score_matching_loss",
+    "edm_grid",
     "em_sde_step",
     "evaluations_per_step",
     "exact_divergence",
+    "fresh_probes",
     "hutchinson_divergence",
+    "langevin_corrector_step",
     "log_likelihood_ode",
     "ode_likelihood_step",
     "probability_flow_drift",
+    "probability_flow_step",
     "sample_probes",
     "sample_reverse_sde",
+    "sample_sde",
+    "score_calls",
+    "time_grid",
+    "tweedie_denoise",
+    "uniform_grid",
     "value_and_divergence",
 ]

@@ -18,7 +18,9 @@ from torch.func import vjp, vmap
 
 __all__ = [
     "PROBE_KINDS",
+    "ProbeSource",
     "exact_divergence",
+    "fresh_probes",
     "hutchinson_divergence",
     "sample_probes",
     "value_and_divergence",
@@ -27,6 +29,9 @@ __all__ = [
 PROBE_KINDS = ("rademacher", "gaussian")
 
 VectorField = Callable[[torch.Tensor], torch.Tensor]
+# Probes for an ODE integration: one tensor [K, *x.shape] reused at every step, a callable
+# step_index -> [K, *x.shape] (fresh probes per step), or None (exact divergence).
+ProbeSource = torch.Tensor | Callable[[int], torch.Tensor] | None
 
 
 def sample_probes(
@@ -58,6 +63,36 @@ def sample_probes(
     if kind == "gaussian":
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
     raise ValueError(f"unknown probe kind {kind!r}; use one of {PROBE_KINDS}")
+
+
+def fresh_probes(
+    shape: torch.Size | tuple[int, ...],
+    kind: str = "rademacher",
+    generator: torch.Generator | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Callable[[int], torch.Tensor]:
+    """A probe source for ODE integrations: ``step -> sample_probes(shape, kind, generator)``.
+
+    Each call draws new probes (from ``generator`` when given, otherwise torch's default
+    generator), so the Hutchinson errors of successive steps are independent and average out
+    along the trajectory instead of adding up. ``kind`` is checked now, not at the first step.
+
+    Example:
+        >>> draw = fresh_probes((2, 4, 3), "rademacher", torch.Generator().manual_seed(0))
+        >>> a, b = draw(0), draw(1)
+        >>> a.shape, torch.equal(a, b)
+        (torch.Size([2, 4, 3]), False)
+    """
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"unknown probe kind {kind!r}; use one of {PROBE_KINDS}")
+    shape = tuple(shape)
+
+    def draw(step: int) -> torch.Tensor:
+        return sample_probes(shape, kind, generator, device=device, dtype=dtype)
+
+    return draw
 
 
 def _check_probes(x: torch.Tensor, probes: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from nnh.generative.checks import check_sample_shape
 from nnh.generative.sde import SDE
 from nnh.generative.steps import ScoreFn, em_sde_step
 
@@ -92,12 +93,12 @@ def sample_reverse_sde(
         torch.Size([16, 2])
     """
     check_steps(steps)
+    shape = check_sample_shape(shape)
     t_end = sde.epsilon if t_end is None else float(t_end)
     if not (0.0 <= t_end < sde.T):
         raise ValueError(f"t_end must be in [0, T) = [0, {sde.T}), got {t_end}")
     if device is None and generator is not None:
         device = generator.device
-    shape = tuple(shape)
     x = sde.prior(shape, generator=generator, device=device, dtype=dtype)
     dt = (sde.T - t_end) / steps
     batch = shape[0]

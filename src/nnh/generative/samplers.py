@@ -1,0 +1,218 @@
+"""All samplers behind one call: Euler-Maruyama, predictor-corrector and the probability-flow ODE.
+
+:func:`sample_sde` runs ``steps`` steps from the prior at ``T`` down to ``t_end`` on a time
+grid (:mod:`nnh.generative.time_grid`), with the pure steps of
+:mod:`nnh.generative.steps` and :mod:`nnh.generative.sampler_steps`:
+
+============  ===============================================  ==============================
+``method``    one step                                         score calls
+============  ===============================================  ==============================
+``"em"``      reverse-SDE Euler-Maruyama                       ``steps``
+``"pc"``      ``corrector_steps`` Langevin steps, then EM      ``steps * (1 + corrector_steps)``
+``"ode"``     probability-flow ODE (``ode_method``)            ``steps * {1, 2, 4}``
+============  ===============================================  ==============================
+
+plus one call for ``denoise=True``. ``"em"`` on the uniform grid is exactly
+:func:`~nnh.generative.sampling.sample_reverse_sde` (bitwise).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from nnh.generative.checks import check_sample_shape
+from nnh.generative.sampler_steps import (
+    langevin_corrector_step,
+    probability_flow_step,
+    tweedie_denoise,
+)
+from nnh.generative.sampling import Progress, check_steps, notify_progress, sample_reverse_sde
+from nnh.generative.sde import SDE
+from nnh.generative.steps import ScoreFn, check_ode_method, em_sde_step, evaluations_per_step
+from nnh.generative.time_grid import check_time_grid
+from nnh.generative.time_grid import time_grid as make_time_grid
+
+__all__ = ["SAMPLE_METHODS", "check_sampler_options", "sample_sde", "score_calls"]
+
+SAMPLE_METHODS = ("em", "pc", "ode")
+
+
+def check_sampler_options(
+    method: str, ode_method: str, corrector_steps: int, snr: float, grid: str
+) -> tuple[str, str]:
+    """Validate the sampler options; returns ``(method, canonical ode_method)``.
+
+    Example:
+        >>> check_sampler_options("ode", "heun", 1, 0.16, "edm")
+        ('ode', 'Heun')
+    """
+    if method not in SAMPLE_METHODS:
+        raise ValueError(f"method={method!r}: use one of {SAMPLE_METHODS}")
+    ode_method = check_ode_method(ode_method)
+    if (
+        isinstance(corrector_steps, bool)
+        or not isinstance(corrector_steps, int)
+        or corrector_steps < 0
+    ):
+        raise ValueError(f"corrector_steps must be an int >= 0, got {corrector_steps!r}")
+    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
+        raise ValueError(f"snr must be a number > 0, got {snr!r}")
+    check_time_grid(grid)
+    return method, ode_method
+
+
+def score_calls(
+    method: str,
+    steps: int,
+    ode_method: str = "Heun",
+    corrector_steps: int = 1,
+    denoise: bool = False,
+) -> int:
+    """How many times :func:`sample_sde` calls ``score_fn`` (each guidance call comes with one).
+
+    Example:
+        >>> score_calls("ode", 50, "Heun"), score_calls("pc", 200, corrector_steps=1, denoise=True)
+        (100, 401)
+    """
+    per_step = {
+        "em": 1,
+        "pc": 1 + corrector_steps,
+        "ode": evaluations_per_step(ode_method) if method == "ode" else 0,
+    }[method]
+    return steps * per_step + int(bool(denoise))
+
+
+def _guided(score_fn: ScoreFn, guidance_fn: ScoreFn | None, factor: float) -> ScoreFn:
+    if guidance_fn is None:
+        return score_fn
+    return lambda t, x: score_fn(t, x) + factor * guidance_fn(t, x)
+
+
+def sample_sde(
+    sde: SDE,
+    score_fn: ScoreFn,
+    shape: torch.Size | tuple[int, ...],
+    steps: int,
+    *,
+    method: str = "em",
+    ode_method: str = "Heun",
+    corrector_steps: int = 1,
+    snr: float = 0.16,
+    denoise: bool = False,
+    time_grid: str = "uniform",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    guidance_fn: ScoreFn | None = None,
+    guidance_factor: float = 1.0,
+    stop_on_nan: bool = True,
+    progress: Progress | None = None,
+    t_end: float | None = None,
+) -> torch.Tensor:
+    """Samples ``[B, ...]`` with ``method`` in ``steps`` steps from ``T`` down to ``t_end`` (default ``epsilon``).
+
+    ``method``: ``"em"`` (reverse-SDE Euler-Maruyama; the last step returns its noise-free
+    mean), ``"pc"`` (at each time ``corrector_steps`` Langevin steps with signal-to-noise
+    ratio ``snr``, then the EM predictor; Song et al. 2021), ``"ode"`` (the probability-flow
+    ODE with ``ode_method`` ``"Euler"``/``"Heun"``/``"RK4"``: deterministic given the prior
+    sample). ``time_grid``: ``"uniform"`` or ``"edm"`` (:func:`~nnh.generative.time_grid.edm_grid`).
+    ``denoise``: finish with Tweedie's step :func:`~nnh.generative.sampler_steps.tweedie_denoise`
+    at ``t_end``. ``guidance_fn(t, x)`` times ``guidance_factor`` is added to every score.
+
+    Randomness (prior, step and corrector noise) comes from ``generator`` when given, else
+    torch's default generator; per step the corrector noises are drawn before the predictor's.
+    ``stop_on_nan`` and ``progress`` work as in
+    :func:`~nnh.generative.sampling.sample_reverse_sde`. Score calls: :func:`score_calls`.
+
+    Example:
+        >>> from nnh.generative.sde import VPSDE
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = sample_sde(VPSDE(), lambda t, x: -x, (16, 2), 10, method="ode", generator=g)
+        >>> x.shape
+        torch.Size([16, 2])
+    """
+    check_steps(steps)
+    shape = check_sample_shape(shape)
+    method, ode_method = check_sampler_options(method, ode_method, corrector_steps, snr, time_grid)
+    t_end = sde.epsilon if t_end is None else float(t_end)
+    if not (0.0 <= t_end < sde.T):
+        raise ValueError(f"t_end must be in [0, T) = [0, {sde.T}), got {t_end}")
+    score = _guided(score_fn, guidance_fn, guidance_factor)
+    if method == "em" and time_grid == "uniform":
+        x = sample_reverse_sde(
+            sde,
+            score_fn,
+            shape,
+            steps,
+            generator=generator,
+            device=device,
+            dtype=dtype,
+            guidance_fn=guidance_fn,
+            guidance_factor=guidance_factor,
+            stop_on_nan=stop_on_nan,
+            progress=progress,
+            t_end=t_end,
+        )
+    else:
+        times = make_time_grid(sde, steps, t_end, time_grid)
+        x = _integrate(
+            sde, score, shape, times, method, ode_method, corrector_steps, snr,
+            generator, device, dtype, stop_on_nan, progress,
+        )  # fmt: skip
+    if denoise:
+        t = torch.full((shape[0],), t_end, dtype=x.dtype, device=x.device)
+        x = tweedie_denoise(sde, score, t, x).detach()
+    return x
+
+
+def _integrate(
+    sde: SDE,
+    score: ScoreFn,
+    shape: tuple[int, ...],
+    times: list[float],
+    method: str,
+    ode_method: str,
+    corrector_steps: int,
+    snr: float,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    stop_on_nan: bool,
+    progress: Progress | None,
+) -> torch.Tensor:
+    if device is None and generator is not None:
+        device = generator.device
+    x = sde.prior(shape, generator=generator, device=device, dtype=dtype)
+    steps = len(times) - 1
+
+    def noise() -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+
+    for i in range(steps):
+        t_i, dt = times[i], times[i] - times[i + 1]
+        t = torch.full((shape[0],), t_i, dtype=x.dtype, device=x.device)
+        last = i == steps - 1
+        if method == "ode":
+            x_next = probability_flow_step(sde, score, t, x, dt, ode_method)
+        else:
+            y = x
+            for _ in range(corrector_steps if method == "pc" else 0):
+                y, _ = langevin_corrector_step(score, t, y, noise(), snr)
+            z = torch.zeros_like(y) if last else noise()
+            y_next, y_mean = em_sde_step(sde, score, t, y, dt, z)
+            x_next = y_mean if last else y_next
+        x_next = x_next.detach()
+        if stop_on_nan and not bool(torch.isfinite(x_next).all()):
+            warnings.warn(
+                f"sample_sde ({method}): non-finite values (NaN/inf) after step {i + 1}/{steps} "
+                f"(t={t_i:.6g} -> {times[i + 1]:.6g}); returning the last finite state, the "
+                f"noisy samples at t={t_i:.6g}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return x
+        x = x_next
+        notify_progress(progress, i)
+    return x
