@@ -21,8 +21,10 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +146,39 @@ def _write_failure(final: Path, tmp: Path, err: BaseException) -> CheckpointErro
     return None
 
 
+# Replacing a large file frees its blocks inside os.replace (about 75 ms for 400 MB on ext4
+# with discard), on the saver's critical path. Above this size the old file is first given a
+# second, hidden name; os.replace then only renames, and the old blocks are freed by a
+# background thread once the new file is in place.
+_RETIRE_ABOVE = 16 * 2**20
+_retired_files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnh-unlink")
+
+
+def _retire(final: Path) -> Path | None:
+    """Give ``final`` a hidden temp-style second name if it is a large regular file."""
+    try:
+        info = final.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(info.st_mode) or info.st_size < _RETIRE_ABOVE or info.st_nlink != 1:
+        return None
+    for _ in range(4):
+        link = final.parent / _temp_name(final)
+        try:
+            os.link(final, link)
+            return link
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (FAT, some network file systems)
+            return None
+    return None
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
 def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: bool) -> Path:
     """Claim a temp file, let ``write(tmp_path, fd)`` fill it, fsync, rename, fsync the folder.
 
@@ -153,6 +188,7 @@ def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: b
     final = Path(path)
     _prepare_destination(final)
     tmp, fd = _claim_temp(final)
+    retired: Path | None = None
     try:
         try:
             write(tmp, fd)
@@ -160,16 +196,21 @@ def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: b
                 os.fsync(fd)
         finally:
             os.close(fd)
+        retired = _retire(final)
         os.replace(tmp, final)
     except BaseException as err:
         explained = _write_failure(final, tmp, err) if isinstance(err, Exception) else None
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if retired is not None:  # the rename failed: the old file keeps its only name
+            _unlink_quietly(retired)
         if explained is not None:
             raise explained from err
         raise
     if durable:
         _fsync_folder(final.parent)
+    if retired is not None:  # the old file's blocks are freed off the critical path
+        _retired_files.submit(_unlink_quietly, retired)
     return final
 
 
