@@ -39,7 +39,7 @@ from nnh.core.objectives import batch_size
 from nnh.core.tree import flat_td
 from nnh.data import build_loader, fast_loader, move_to_device
 from nnh.ddp import ShardCounter, real_samples, trim_batch
-from nnh.distributed import setup_distributed
+from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
@@ -75,6 +75,10 @@ def _check_model_kwargs(model_class: type, model_kwargs: dict[str, Any]) -> None
 class NNHandler:
     """A model's whole life: build, train, evaluate, predict, save, load, sample.
 
+    ``dist_timeout`` (seconds, default 1800 like PyTorch) bounds every DDP collective of a
+    process group nnh creates: a rank that never returns stops every rank with a clear error
+    after about that long.
+
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
@@ -100,10 +104,11 @@ class NNHandler:
         save_model_code: bool = False,
         model_type: ModelType | str = ModelType.CLASSIFICATION,
         use_distributed: bool | None = None,
+        dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
         **model_kwargs: Any,
     ):
         _check_model_kwargs(model_class, model_kwargs)
-        self._dist, self._device = setup_distributed(use_distributed, device)
+        self._dist, self._device = setup_distributed(use_distributed, device, dist_timeout)
         self._logger = make_logger(
             logger_mode, logger_filename, logger_level, is_main=self._dist.is_main
         )
