@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from nnh import validation as check
 from nnh.autosaver import AutoSaver
 from nnh.callbacks.base import Callback, CallbackList
 from nnh.core import (
@@ -307,7 +308,7 @@ class NNHandler:
 
     @save_path.setter
     def save_path(self, value: str) -> None:
-        self._auto_saver = attrs.evolve(self._auto_saver, save_path=str(value))
+        self._auto_saver = attrs.evolve(self._auto_saver, save_path=check.check_save_path(value))
 
     @property
     def save_model_name(self) -> str:
@@ -552,7 +553,10 @@ class NNHandler:
             >>> len(h.train_loader)
             3
         """
-        self._train_loader = self._make_loader("train", dataset, loader_kwargs)
+        check.check_dataset("dataset", dataset)
+        loader = self._make_loader("train", dataset, loader_kwargs)
+        check.check_has_batches("training", loader)
+        self._train_loader = loader
 
     def set_val_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
         """Validation data: a Dataset plus DataLoader options, or a ready DataLoader.
@@ -564,7 +568,10 @@ class NNHandler:
             >>> len(h.val_loader)
             1
         """
-        self._val_loader = self._make_loader("val", dataset, loader_kwargs)
+        check.check_dataset("dataset", dataset)
+        loader = self._make_loader("val", dataset, loader_kwargs)
+        check.check_has_batches("validation", loader)
+        self._val_loader = loader
 
     def add_metric(self, name: str, metric_fn: Callable[[Any, Any], Any]) -> None:
         """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean).
@@ -630,7 +637,7 @@ class NNHandler:
         """
         saver = AutoSaver(
             interval=interval,
-            save_path=str(save_path),
+            save_path=check.check_save_path(save_path),
             name=name,
             overwrite=overwrite,
             every_n_steps=every_n_steps,
@@ -760,6 +767,9 @@ class NNHandler:
             raise RuntimeError(
                 "no training data: call set_train_loader(dataset, batch_size=...) before train()"
             )
+        check.check_has_batches("training", self._train_loader)
+        if self._val_loader is not None:
+            check.check_has_batches("validation", self._val_loader)
         if self._adapter is None:
             raise RuntimeError(
                 "no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()"
@@ -810,14 +820,7 @@ class NNHandler:
             >>> h.train(epochs=2, progress_bar=False); len(h.train_losses)
             2
         """
-        if not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        if not isinstance(validate_every, int) or validate_every < 1:
-            raise ValueError(f"validate_every must be an int >= 1, got {validate_every!r}")
-        if debug_print_interval is not None and debug_print_interval < 1:
-            raise ValueError(
-                f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}"
-            )
+        check.check_train_args(**{k: v for k, v in locals().items() if k != "self"})
         self._check_ready()
         self._last_train_kwargs = {
             "validate_every": validate_every,
@@ -846,7 +849,7 @@ class NNHandler:
         self.stop_training = False
         callbacks = CallbackList(self._callbacks, is_main=self._dist.is_main)
         show = progress_bar and self._dist.is_main
-        start_epoch = state.epoch
+        start_epoch, history_at_start = state.epoch, len(self._history.train_losses)
         self._target_epoch = start_epoch + epochs
         self._log(
             f"training epochs {start_epoch + 1}..{start_epoch + epochs} "
@@ -889,6 +892,8 @@ class NNHandler:
                         self._auto_saver_final(logs, save_on_last_epoch)
                     break
         except BaseException as exc:
+            recorded = len(self._history.train_losses) - history_at_start
+            self._state = check.epoch_matching_history(self._state, start_epoch, recorded)
             error = self._dist.fail(exc)
             if error is exc:
                 raise
@@ -1021,6 +1026,7 @@ class NNHandler:
                 callbacks=callbacks,
                 progress=bar,
                 real_samples=real_samples(self._val_loader),
+                loss_epoch=epoch - 1,
             )
         finally:
             if bar is not None:
@@ -1358,6 +1364,7 @@ class NNHandler:
             >>> len(outputs), outputs[0].shape
             (2, torch.Size([4, 1]))
         """
+        check.check_predict_data(data_loader)
         if not isinstance(data_loader, DataLoader):
             data_loader = DataLoader(data_loader, batch_size=64)
         from nnh.ddp import gather_predictions, sharded_eval_loader

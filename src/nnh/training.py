@@ -156,11 +156,16 @@ def run_val_epoch(
     callbacks: CallbackList,
     progress: tqdm | None = None,
     real_samples: int | None = None,
+    loss_epoch: int | None = None,
 ) -> EpochResult:
     """Evaluate one epoch (no gradients); returns the epoch sums.
 
     ``real_samples`` trims DistributedSampler padding off the batches (never evaluated).
+    ``loss_epoch`` is the ``epoch=`` a loss that asks for it gets (default ``state.epoch``):
+    the handler passes the index its training steps of that epoch got, so both agree.
     """
+    if loss_epoch is not None and loss_epoch != state.epoch:
+        state = attrs.evolve(state, epoch=loss_epoch)
     sums = new_sums(list(metrics), device)
     hooks_begin = callbacks.wants("on_val_batch_begin")
     hooks_end = callbacks.wants("on_val_batch_end")
