@@ -108,6 +108,10 @@ def build(case: str, batch: int = BATCH) -> NNHandler:
         return accuracy(out, y)
 
     h.add_metric("acc", metric)
+    if case == "torchmetrics":  # a stateful metric: synced by torchmetrics, padding excluded
+        from torchmetrics.classification import MulticlassF1Score
+
+        h.add_metric("f1", MulticlassF1Score(num_classes=3, average="macro"))
     h.add_callback(FailOnRank("callback" if case == "callback" else ""))
     if case == "early_stop":
         h.add_callback(StopOnRankZero())
@@ -143,6 +147,7 @@ def main() -> None:
             "val_acc": h.val_metrics_history.get("acc"), "train_acc": h.train_metrics_history.get("acc"),
             "predictions": torch.cat(preds), "n_batches": len(preds),
             "logger_none_elsewhere": True,
+            "val_f1": h.val_metrics_history.get("f1"),
         }, os.path.join(a.out, "result.pt"))
     else:
         assert preds is None and h.history is None and h.logger is None

@@ -44,6 +44,7 @@ from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
+from nnh.metric_objects import as_handler_metric, begin_phase, end_phase
 from nnh.persistence import capture_rng, restore_rng
 from nnh.training import run_train_epoch, run_val_epoch
 
@@ -574,7 +575,9 @@ class NNHandler:
         self._val_loader = loader
 
     def add_metric(self, name: str, metric_fn: Callable[[Any, Any], Any]) -> None:
-        """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean).
+        """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean), or a
+        stateful metric such as a ``torchmetrics.Metric`` (``update`` per batch, ``compute``
+        at the end of the epoch over every rank's real samples, then ``reset``).
 
         Example:
             >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
@@ -588,7 +591,7 @@ class NNHandler:
             raise ValueError(f"metric name {name!r} is reserved; choose another")
         if not callable(metric_fn):
             raise TypeError(f"metric {name!r} must be callable, got {type(metric_fn).__name__}")
-        self._metrics[name] = metric_fn
+        self._metrics[name] = as_handler_metric(metric_fn)
 
     def clear_metrics(self) -> None:
         """Remove every registered metric (their history stays).
@@ -942,6 +945,7 @@ class NNHandler:
             and not isinstance(getattr(self._train_loader, "sampler", None), DistributedSampler)
         )
         join = self._model.join() if uneven else contextlib.nullcontext()
+        begin_phase(self._metrics, "train")
         try:
             with join:
                 result = run_train_epoch(
@@ -978,6 +982,7 @@ class NNHandler:
         names = list(self._metrics)
         n_train = 2 + len(names)
         train_loss, train_metrics, _ = sums_to_means(flat[:n_train], names)
+        train_metrics = end_phase(self._metrics, "train", train_metrics)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"the training loss of epoch {epoch} is {train_loss} (on every rank): training diverged. "
@@ -988,6 +993,7 @@ class NNHandler:
         val_loss, val_metrics = None, None
         if has_val:
             val_loss, val_metrics, _ = sums_to_means(flat[n_train:], names)
+            val_metrics = end_phase(self._metrics, "val", val_metrics)
             logs["val_loss"] = val_loss
             logs.update({f"val_{k}": v for k, v in val_metrics.items()})
             callbacks.call("on_val_end", dict(logs))
@@ -1016,6 +1022,7 @@ class NNHandler:
         if self._dist.enabled:
             config = attrs.evolve(config, model=self._inference_model())
         self.module.eval()
+        begin_phase(self._metrics, "val")
         try:
             return run_val_epoch(
                 self._state,
