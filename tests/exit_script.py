@@ -1,9 +1,11 @@
 """The usual end of a DDP script, for the clean-exit tests.
 
-    python exit_script.py OUT_DIR {destroy,keep}
+    python exit_script.py OUT_DIR {destroy,keep} [{local,global}]
 
 train, predict, save, NNHandler.load, barrier and (``destroy``) the user's own
-``destroy_process_group()``; the process must then exit 0 on every rank, every time.
+``destroy_process_group()``; the process must then exit 0 on every rank, every time. The
+handlers live in a function (``local``: freed when it returns) or in module globals
+(``global``: freed while the interpreter finalizes).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, (x[:, 0] > 0).long())
 
 
-def main() -> None:
+def main() -> tuple[NNHandler, NNHandler]:
     out, mode = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -48,7 +50,11 @@ def main() -> None:
     if mode == "destroy":
         dist.destroy_process_group()
     print(f"rank {h.rank} done", flush=True)
+    return h, g
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[3:] == ["global"]:
+        HANDLERS = main()
+    else:
+        main()

@@ -183,6 +183,7 @@ def test_a_rank_that_never_returns_stops_every_rank_within_dist_timeout(tmp_path
     assert proc.returncode != 0
     assert f"waited longer than dist_timeout={ddp_script.HANG_TIMEOUT_S:g} s" in out, out[-4000:]
     waited = ended - float(mark.read_text())
+    print(f"every rank ended {waited:.1f} s after rank 1 hung (dist_timeout {ddp_script.HANG_TIMEOUT_S:g} s)")
     # the timeout itself, then torchrun ends the stuck rank: a few seconds of margin
     assert ddp_script.HANG_TIMEOUT_S - 0.5 < waited < ddp_script.HANG_TIMEOUT_S + 15, waited
 

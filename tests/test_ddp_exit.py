@@ -21,11 +21,12 @@ HANG_S = 90
 pytestmark = pytest.mark.slow
 
 
-def launch(mode: str, ending: str, out: Path) -> list[subprocess.Popen]:
-    """Start one job (every process of it) in ``mode``; ``ending`` is destroy or keep."""
+def launch(mode: str, ending: str, scope: str, out: Path) -> list[subprocess.Popen]:
+    """Start one job (every process of it) in ``mode``; ``ending`` is destroy or keep, the
+    handlers live in a function or in module globals (``scope``)."""
     out.mkdir(parents=True)
     port = str(free_port())
-    script = [str(SCRIPT), str(out), ending]
+    script = [str(SCRIPT), str(out), ending, scope]
     run = [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", f"--master_port={port}"]
     if mode == "torchrun":
         cmds = [([*run, "--nproc_per_node=2", *script], {})]
@@ -57,7 +58,9 @@ def finish(procs: list[subprocess.Popen]) -> list[str]:
 def test_every_launch_exits_cleanly(tmp_path, mode):
     failures = []
     for i in range(0, LAUNCHES, 2):  # two jobs at a time: one with the user's destroy, one without
-        jobs = [launch(mode, ending, tmp_path / f"{i}-{ending}") for ending in ("destroy", "keep")]
-        for ending, job in zip(("destroy", "keep"), jobs):
-            failures += [f"launch {i} ({ending}) {f}" for f in finish(job)]
+        scopes = ("local", "global") if i % 4 == 0 else ("global", "local")
+        runs = list(zip(("destroy", "keep"), scopes))
+        jobs = [launch(mode, ending, scope, tmp_path / f"{i}-{ending}") for ending, scope in runs]
+        for (ending, scope), job in zip(runs, jobs):
+            failures += [f"launch {i} ({ending}, {scope}) {f}" for f in finish(job)]
     assert not failures, f"{len(failures)} failed processes in {LAUNCHES} launches:\n" + "\n".join(failures)

@@ -84,6 +84,18 @@ def test_empty_loaders_say_they_yield_no_batches():
     assert len(h.train_losses) == 1 and not math.isnan(h.train_losses[0])
 
 
+def test_an_empty_iterable_dataset_says_it_yields_no_batches():
+    class Empty(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    h = regressor()
+    h.set_train_loader(Empty(), batch_size=4)  # no length: checked after the epoch
+    with pytest.raises(ValueError, match=r"the training loader yielded no batches this epoch"):
+        h.train(epochs=1, progress_bar=False)
+    assert h.train_losses == [] and h.state.epoch == 0
+
+
 def test_epoch_counter_agrees_with_history_after_a_failed_train():
     """Epoch 2's validation fails (its steps ran, it was not recorded): the counter stays at
     1, and a later train() records epoch 2 as the 2nd history entry."""

@@ -75,7 +75,10 @@ def is_timeout(exc: BaseException) -> bool:
         False
     """
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("timed out" in text or "timeout" in text)
+    backend = isinstance(exc, getattr(dist, "DistError", ()))
+    return isinstance(exc, RuntimeError) and (
+        "timed out" in text or (backend and "timeout" in text)
+    )
 
 
 def check_timeout(timeout_s: Any) -> float:
@@ -263,6 +266,8 @@ def _drain_workers() -> None:
 
 
 def _hold_group(created_by_nnh: bool) -> None:
+    if _Teardown.group is not None and _Teardown.group is not dist.group.WORLD:
+        _drain_workers()  # a new group replaces one the user destroyed: free the old safely
     _Teardown.group = dist.group.WORLD
     _Teardown.created_by_nnh = _Teardown.created_by_nnh or created_by_nnh
     if not _Teardown.registered:

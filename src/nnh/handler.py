@@ -981,7 +981,8 @@ class NNHandler:
         self._dist.all_reduce_sum(flat)
         names = list(self._metrics)
         n_train = 2 + len(names)
-        train_loss, train_metrics, _ = sums_to_means(flat[:n_train], names)
+        train_loss, train_metrics, seen = sums_to_means(flat[:n_train], names)
+        check.check_samples_seen("training", seen)
         train_metrics = end_phase(self._metrics, "train", train_metrics)
         if not math.isfinite(train_loss):
             raise FloatingPointError(
@@ -992,7 +993,8 @@ class NNHandler:
         logs: dict[str, Any] = {"epoch": epoch, "loss": train_loss, **train_metrics}
         val_loss, val_metrics = None, None
         if has_val:
-            val_loss, val_metrics, _ = sums_to_means(flat[n_train:], names)
+            val_loss, val_metrics, seen = sums_to_means(flat[n_train:], names)
+            check.check_samples_seen("validation", seen)
             val_metrics = end_phase(self._metrics, "val", val_metrics)
             logs["val_loss"] = val_loss
             logs.update({f"val_{k}": v for k, v in val_metrics.items()})

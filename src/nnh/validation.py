@@ -17,6 +17,7 @@ __all__ = [
     "check_dataset",
     "check_has_batches",
     "check_predict_data",
+    "check_samples_seen",
     "check_save_path",
     "check_train_args",
     "epoch_matching_history",
@@ -159,6 +160,23 @@ def check_has_batches(which: str, loader: DataLoader) -> None:
         f"the {which} loader yields no batches: {n} samples, batch_size={loader.batch_size}, "
         f"drop_last={drop_last}{why}. Give it data, a smaller batch_size, or drop_last=False"
     )
+
+
+def check_samples_seen(which: str, count: float) -> None:
+    """After an epoch: a loader that yielded nothing (e.g. an empty iterable dataset, which
+    has no length to check up front) is reported as such, not as a diverged loss.
+
+    Example:
+        >>> check_samples_seen("training", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: the training loader yielded no batches this epoch (0 samples on every rank): give it data
+    """
+    if not count:
+        raise ValueError(
+            f"the {which} loader yielded no batches this epoch (0 samples on every rank): "
+            "give it data"
+        )
 
 
 def check_predict_data(data_loader: Any) -> None:
