@@ -35,7 +35,7 @@ from nnh.core import (
     TrainState,
     init_train_state,
 )
-from nnh.core.accumulate import pack_sums, sums_to_means
+from nnh.core.accumulate import pack_sums
 from nnh.core.objectives import batch_size
 from nnh.core.tree import flat_td
 from nnh.data import build_loader, fast_loader, move_to_device
@@ -44,9 +44,9 @@ from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
-from nnh.metric_objects import as_handler_metric, begin_phase, end_phase
+from nnh.metric_objects import as_handler_metric
 from nnh.persistence import capture_rng, restore_rng
-from nnh.training import run_train_epoch, run_val_epoch
+from nnh.training import epoch_means, run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
 
@@ -77,9 +77,7 @@ def _check_model_kwargs(model_class: type, model_kwargs: dict[str, Any]) -> None
 class NNHandler:
     """A model's whole life: build, train, evaluate, predict, save, load, sample.
 
-    ``dist_timeout`` (seconds, default 1800 like PyTorch) bounds every DDP collective of a
-    process group nnh creates: a rank that never returns stops every rank with a clear error
-    after about that long.
+    ``dist_timeout``: seconds a DDP collective waits for the other ranks (default 1800).
 
     Example:
         >>> import torch
@@ -554,10 +552,8 @@ class NNHandler:
             >>> len(h.train_loader)
             3
         """
-        check.check_dataset("dataset", dataset)
-        loader = self._make_loader("train", dataset, loader_kwargs)
-        check.check_has_batches("training", loader)
-        self._train_loader = loader
+        loader = self._make_loader("train", check.check_dataset("dataset", dataset), loader_kwargs)
+        self._train_loader = check.check_has_batches("training", loader)
 
     def set_val_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
         """Validation data: a Dataset plus DataLoader options, or a ready DataLoader.
@@ -569,15 +565,11 @@ class NNHandler:
             >>> len(h.val_loader)
             1
         """
-        check.check_dataset("dataset", dataset)
-        loader = self._make_loader("val", dataset, loader_kwargs)
-        check.check_has_batches("validation", loader)
-        self._val_loader = loader
+        loader = self._make_loader("val", check.check_dataset("dataset", dataset), loader_kwargs)
+        self._val_loader = check.check_has_batches("validation", loader)
 
     def add_metric(self, name: str, metric_fn: Callable[[Any, Any], Any]) -> None:
-        """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean), or a
-        stateful metric such as a ``torchmetrics.Metric`` (``update`` per batch, ``compute``
-        at the end of the epoch over every rank's real samples, then ``reset``).
+        """Register ``metric_fn(output, target)`` (a batch mean) or a ``torchmetrics.Metric``.
 
         Example:
             >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
@@ -770,9 +762,6 @@ class NNHandler:
             raise RuntimeError(
                 "no training data: call set_train_loader(dataset, batch_size=...) before train()"
             )
-        check.check_has_batches("training", self._train_loader)
-        if self._val_loader is not None:
-            check.check_has_batches("validation", self._val_loader)
         if self._adapter is None:
             raise RuntimeError(
                 "no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()"
@@ -945,7 +934,6 @@ class NNHandler:
             and not isinstance(getattr(self._train_loader, "sampler", None), DistributedSampler)
         )
         join = self._model.join() if uneven else contextlib.nullcontext()
-        begin_phase(self._metrics, "train")
         try:
             with join:
                 result = run_train_epoch(
@@ -981,9 +969,7 @@ class NNHandler:
         self._dist.all_reduce_sum(flat)
         names = list(self._metrics)
         n_train = 2 + len(names)
-        train_loss, train_metrics, seen = sums_to_means(flat[:n_train], names)
-        check.check_samples_seen("training", seen)
-        train_metrics = end_phase(self._metrics, "train", train_metrics)
+        train_loss, train_metrics = epoch_means(flat[:n_train], self._metrics, "train")
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"the training loss of epoch {epoch} is {train_loss} (on every rank): training diverged. "
@@ -993,9 +979,7 @@ class NNHandler:
         logs: dict[str, Any] = {"epoch": epoch, "loss": train_loss, **train_metrics}
         val_loss, val_metrics = None, None
         if has_val:
-            val_loss, val_metrics, seen = sums_to_means(flat[n_train:], names)
-            check.check_samples_seen("validation", seen)
-            val_metrics = end_phase(self._metrics, "val", val_metrics)
+            val_loss, val_metrics = epoch_means(flat[n_train:], self._metrics, "val")
             logs["val_loss"] = val_loss
             logs.update({f"val_{k}": v for k, v in val_metrics.items()})
             callbacks.call("on_val_end", dict(logs))
@@ -1024,7 +1008,6 @@ class NNHandler:
         if self._dist.enabled:
             config = attrs.evolve(config, model=self._inference_model())
         self.module.eval()
-        begin_phase(self._metrics, "val")
         try:
             return run_val_epoch(
                 self._state,

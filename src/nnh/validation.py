@@ -106,50 +106,52 @@ def check_train_args(
     _flag("epoch_train_and_val_pbar", epoch_train_and_val_pbar)
 
 
-def check_dataset(argument: str, dataset: Any) -> None:
-    """A Dataset, a DataLoader, or a sized indexable collection of samples; not a path.
+def check_dataset(argument: str, dataset: Any) -> Any:
+    """``dataset`` if it is a Dataset, a DataLoader, or a sized indexable collection of
+    samples (not a path); else a clear error.
 
     Example:
-        >>> check_dataset("dataset", [(torch.zeros(2), 0)])
+        >>> len(check_dataset("dataset", [(torch.zeros(2), 0)]))
+        1
         >>> check_dataset("dataset", "data.csv")
         Traceback (most recent call last):
         ...
         TypeError: dataset must be a torch Dataset or DataLoader (or a list of samples), got 'data.csv' (str); a file path is not read: load it into a Dataset (e.g. TensorDataset) first
     """
     if isinstance(dataset, (Dataset, DataLoader)):
-        return
+        return dataset
     hint = ""
     if isinstance(dataset, (str, bytes, os.PathLike)):
         hint = "; a file path is not read: load it into a Dataset (e.g. TensorDataset) first"
     elif hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        return
+        return dataset
     raise TypeError(
         f"{argument} must be a torch Dataset or DataLoader (or a list of samples), "
         f"got {_kind(dataset)}{hint}"
     )
 
 
-def check_has_batches(which: str, loader: DataLoader) -> None:
-    """A loader that yields no batch is an error naming why (size, batch size, drop_last).
-
-    Loaders without a length (iterable datasets) are not checked here.
+def check_has_batches(which: str, loader: DataLoader) -> DataLoader:
+    """``loader``; one that yields no batch is an error naming why (size, batch size,
+    drop_last). Loaders without a length (iterable datasets) are checked after an epoch.
 
     Example:
         >>> from torch.utils.data import TensorDataset
-        >>> check_has_batches("training", DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=4))
+        >>> len(check_has_batches("training", DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=4)))
+        1
         >>> check_has_batches("training", DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=4, drop_last=True))
         Traceback (most recent call last):
         ...
         ValueError: the training loader yields no batches: 3 samples, batch_size=4, drop_last=True (drop_last drops the only, partial batch). Give it data, a smaller batch_size, or drop_last=False
     """
     if isinstance(getattr(loader, "dataset", None), IterableDataset):
-        return
+        return loader
     try:
         n_batches = len(loader)
     except TypeError:
-        return
+        return loader
     if n_batches:
-        return
+        return loader
     try:
         n = len(loader.dataset)
     except TypeError:
