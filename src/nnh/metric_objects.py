@@ -64,11 +64,15 @@ class StatefulMetric:
         self.states = {"train": metric, "val": copy.deepcopy(metric)}
         self.phase = "train"
         self.updated = dict.fromkeys(PHASES, False)
+        self.device: torch.device | None = None
 
     def __call__(self, output: Any, target: Any) -> float:
         state = self.states[self.phase]
-        if isinstance(state, torch.nn.Module) and isinstance(output, torch.Tensor):
-            state.to(output.device)
+        device = getattr(output, "device", None)
+        if isinstance(state, torch.nn.Module) and device is not None and device != self.device:
+            for metric in self.states.values():  # once: the state lives where the outputs are
+                metric.to(device)
+            self.device = device
         state.update(output, target)
         self.updated[self.phase] = True
         return 0.0
