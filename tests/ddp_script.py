@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from nnh import Callback, NNHandler
 
 N_TRAIN, N_VAL, BATCH = 96, 1001, 8
+HANG_TIMEOUT_S = 4.0
 
 
 def data(n: int, seed: int) -> TensorDataset:
@@ -73,25 +75,32 @@ class UnevenSampler(Sampler):
 
 def build(case: str, batch: int = BATCH) -> NNHandler:
     torch.manual_seed(0)
-    h = NNHandler(Net)
+    h = NNHandler(Net, dist_timeout=HANG_TIMEOUT_S) if case == "hang" else NNHandler(Net)
     h.set_optimizer(torch.optim.SGD, lr=0.0 if case == "pad_train" else 0.1, momentum=0.9)
 
     def loss(out, y):
         if case == "loss" and rank() == 1:
             raise ValueError("loss failure on rank 1")
+        if case == "hang" and rank() == 1:  # a rank that never returns
+            with open(os.environ["NNH_HANG_MARK"], "w") as f:
+                f.write(str(time.time()))
+            while True:
+                time.sleep(1)
         value = nn.functional.cross_entropy(out, y)
         if case == "nan" and rank() == 1:
             value = value * float("nan")
         return value
 
-    h.set_loss_fn(loss if case in ("loss", "nan") else nn.functional.cross_entropy)
+    h.set_loss_fn(loss if case in ("loss", "nan", "hang") else nn.functional.cross_entropy)
     if case == "uneven":
         h.set_train_loader(data(64, 0), batch_size=batch, sampler=UnevenSampler(64))
-    elif case == "pad_train":  # 97 samples on 2 ranks: one padded duplicate, in a batch of 1
+    elif case == "pad_train":  # 97 samples on 2 ranks: rank 1 has 48 real + 1 padded duplicate
         h.set_train_loader(data(97, 0), batch_size=batch, shuffle=False)
     else:
         h.set_train_loader(data(N_TRAIN, 0), batch_size=batch, shuffle=False)
-    h.set_val_loader(data(N_VAL, 1), batch_size=50)
+    # batch 64: rank 1's 501 samples are 7 x 64 + 53, its padded duplicate shares that last
+    # batch with 52 real samples, so the partial-batch trimming is exercised
+    h.set_val_loader(data(N_VAL, 1), batch_size=64)
 
     def metric(out, y):
         if case == "metric" and rank() == 1:
@@ -99,6 +108,10 @@ def build(case: str, batch: int = BATCH) -> NNHandler:
         return accuracy(out, y)
 
     h.add_metric("acc", metric)
+    if case == "torchmetrics":  # a stateful metric: synced by torchmetrics, padding excluded
+        from torchmetrics.classification import MulticlassF1Score
+
+        h.add_metric("f1", MulticlassF1Score(num_classes=3, average="macro"))
     h.add_callback(FailOnRank("callback" if case == "callback" else ""))
     if case == "early_stop":
         h.add_callback(StopOnRankZero())
@@ -134,6 +147,7 @@ def main() -> None:
             "val_acc": h.val_metrics_history.get("acc"), "train_acc": h.train_metrics_history.get("acc"),
             "predictions": torch.cat(preds), "n_batches": len(preds),
             "logger_none_elsewhere": True,
+            "val_f1": h.val_metrics_history.get("f1"),
         }, os.path.join(a.out, "result.pt"))
     else:
         assert preds is None and h.history is None and h.logger is None

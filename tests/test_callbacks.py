@@ -472,7 +472,6 @@ def test_tensorboard_logger_says_what_to_install_when_missing(monkeypatch):
 
 
 def test_tensorboard_logger_writes_epoch_scalars(tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     h = regressor()

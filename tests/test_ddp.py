@@ -149,8 +149,10 @@ def test_early_stop_decided_on_rank_zero_stops_every_rank(tmp_path):
 
 def test_training_padding_is_not_logged(tmp_path):
     """lr = 0: the weights stay put, so the logged training loss and metric must be the
-    one-process values over the 97 real samples, without DistributedSampler's duplicate."""
-    proc = torchrun("pad_train", str(tmp_path))
+    one-process values over the 97 real samples, without DistributedSampler's duplicate.
+    Batch 10: rank 1's 49 samples are 4 x 10 + 9, the duplicate shares its batch with 8 real
+    samples (the partial-batch path), as it does in validation (batch 64) and predict."""
+    proc = torchrun("pad_train", str(tmp_path), "--batch", "10")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     h = ddp_script.build("pad_train", 16)
@@ -164,3 +166,30 @@ def test_uneven_shards_from_a_user_sampler_do_not_deadlock(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert len(result["train_losses"]) == 3 and all(v == v for v in result["train_losses"])
+
+
+def test_a_rank_that_never_returns_stops_every_rank_within_dist_timeout(tmp_path):
+    """Rank 1's loss sleeps forever; with dist_timeout=4 s every rank ends soon after, with
+    an error naming dist_timeout (the default would wait 30 minutes)."""
+    import time
+
+    mark = tmp_path / "hang_started"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "--master_addr=127.0.0.1", str(SCRIPT), "hang", str(tmp_path)]
+    proc = subprocess.run(cmd, env={**base_env(), "NNH_HANG_MARK": str(mark)}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    ended = time.time()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"waited longer than dist_timeout={ddp_script.HANG_TIMEOUT_S:g} s" in out, out[-4000:]
+    waited = ended - float(mark.read_text())
+    print(f"every rank ended {waited:.1f} s after rank 1 hung (dist_timeout {ddp_script.HANG_TIMEOUT_S:g} s)")
+    # the timeout itself, then torchrun ends the stuck rank: a few seconds of margin
+    assert ddp_script.HANG_TIMEOUT_S - 0.5 < waited < ddp_script.HANG_TIMEOUT_S + 15, waited
+
+
+def test_dist_timeout_is_checked_before_any_work():
+    with pytest.raises(TypeError, match=r"dist_timeout must be a number of seconds > 0"):
+        NNHandler(torch.nn.Linear, in_features=2, out_features=1, dist_timeout="60")
+    with pytest.raises(TypeError, match=r"dist_timeout"):
+        NNHandler(torch.nn.Linear, in_features=2, out_features=1, dist_timeout=0)

@@ -109,6 +109,14 @@ def _concat(outputs: list[Any]) -> Any:
     )
 
 
+def _rows(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.shape[0]
+    if isinstance(tree, (list, tuple)):
+        return _rows(tree[0])
+    return _rows(next(iter(tree.values())))
+
+
 def _take(tree: Any, index: torch.Tensor) -> Any:
     if isinstance(tree, torch.Tensor):
         return tree[index]
@@ -135,6 +143,14 @@ def gather_predictions(
     if not dist.is_main:
         return None
     assert gathered is not None
+    for rank, (idx, out) in enumerate(gathered):  # a row per real sample, padding trimmed
+        rows = 0 if out is None else _rows(out)
+        if rows != len(idx):
+            raise RuntimeError(
+                f"predict: rank {rank} returned {rows} output rows for the {len(idx)} real samples "
+                "of its shard; the model must return one row per input sample, and "
+                "DistributedSampler padding must be trimmed off"
+            )
     all_indices = torch.tensor([i for idx, _ in gathered for i in idx], dtype=torch.long)
     merged = _concat([out for _, out in gathered if out is not None])
     order = torch.argsort(all_indices, stable=True)

@@ -20,9 +20,17 @@ import attrs
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "DistributedEnv", "detect_env", "first_slurm_host", "setup_distributed"]
+__all__ = [
+    "DEFAULT_DIST_TIMEOUT_S",
+    "DistContext",
+    "DistributedEnv",
+    "detect_env",
+    "first_slurm_host",
+    "setup_distributed",
+]
 
 DEFAULT_PORT = 29500
+DEFAULT_DIST_TIMEOUT_S = 1800.0  # PyTorch's own default for gloo and NCCL: 30 minutes
 
 
 @attrs.frozen
@@ -55,6 +63,41 @@ def first_slurm_host(nodelist: str) -> str:
         return prefix
     first = ranges.split(",")[0].split("-")[0]
     return prefix + first
+
+
+def is_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that gave up waiting for the other ranks.
+
+    Example:
+        >>> is_timeout(RuntimeError("[gloo] Timed out waiting 5000ms for recv operation"))
+        True
+        >>> is_timeout(ValueError("bad loss"))
+        False
+    """
+    text = str(exc).lower()
+    backend = isinstance(exc, getattr(dist, "DistError", ()))
+    return isinstance(exc, RuntimeError) and (
+        "timed out" in text or (backend and "timeout" in text)
+    )
+
+
+def check_timeout(timeout_s: Any) -> float:
+    """``timeout_s`` as a float of seconds, or a clear error naming ``dist_timeout``.
+
+    Example:
+        >>> check_timeout(30)
+        30.0
+        >>> check_timeout("30")
+        Traceback (most recent call last):
+        ...
+        TypeError: dist_timeout must be a number of seconds > 0 (e.g. dist_timeout=600), got '30' (str)
+    """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise TypeError(
+            "dist_timeout must be a number of seconds > 0 (e.g. dist_timeout=600), got "
+            f"{timeout_s!r} ({type(timeout_s).__name__})"
+        )
+    return float(timeout_s)
 
 
 def detect_env(environ: Mapping[str, str] | None = None) -> DistributedEnv | None:
@@ -102,7 +145,12 @@ class DistContext:
     """
 
     def __init__(
-        self, rank: int = 0, local_rank: int = 0, world_size: int = 1, enabled: bool = False
+        self,
+        rank: int = 0,
+        local_rank: int = 0,
+        world_size: int = 1,
+        enabled: bool = False,
+        timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
     ):
         self.rank, self.local_rank, self.world_size, self.enabled = (
             rank,
@@ -110,6 +158,7 @@ class DistContext:
             world_size,
             enabled,
         )
+        self.timeout_s = timeout_s
 
     @classmethod
     def single(cls) -> DistContext:
@@ -148,6 +197,13 @@ class DistContext:
         """
         if not self.enabled or not dist.is_initialized():
             return exc
+        if is_timeout(exc):
+            exc = RuntimeError(
+                f"rank {self.rank} waited longer than dist_timeout={self.timeout_s:g} s for the "
+                "other ranks in a collective: a rank is stuck (a loss, model or data worker that "
+                "never returns) or died. Fix the stuck code, or pass a larger "
+                f"NNHandler(dist_timeout=...) if a step legitimately takes longer ({exc})"
+            )
         store = None
         try:
             store = dist.distributed_c10d._get_default_store()
@@ -174,35 +230,83 @@ class DistContext:
 
 _EXITED_KEY = "nnh/exited"
 _EXIT_WAIT_S = 10.0
+_DRAIN_S = 0.05
 
 
-def _destroy_at_exit() -> None:
-    """Tear down the group nnh created, so the process exits cleanly (best effort).
+class _Teardown:
+    """Holds the default process group until :func:`_teardown_at_exit` ends it safely.
 
-    Without torchrun (Slurm, plain env://) rank 0's process hosts the rendezvous store; if it
-    exited first, the other ranks' teardown would talk to a vanished store and abort. So
-    every rank reports to the store after its teardown, and rank 0 waits (bounded) for all.
+    Root cause of the intermittent abort at exit: gloo's worker threads free a finished
+    collective's work object *after* ``wait()`` returned. When that work still owns tensors
+    that Python created (``gather_object`` in ``predict``, the flag of ``any_true``, or
+    earlier works kept alive by a later ``barrier``'s references to them), freeing them
+    takes the GIL. Two ways that goes wrong:
+
+    * the group's C++ destructor runs on the main thread, with the GIL held, when the last
+      Python reference goes (a handler's DDP model freed after the user's
+      ``destroy_process_group()``); it joins the worker that waits for the GIL: a hang;
+    * the worker asks for the GIL while the interpreter finalizes; Python ends such a
+      thread with ``pthread_exit``, which unwinds through the noexcept destructor and
+      calls ``std::terminate``: "terminate called without an active exception", SIGABRT.
+
+    So nnh keeps one reference to the group (the handler's DDP model never holds the last
+    one) and, at exit, before finalization, releases the GIL so the workers finish freeing,
+    then tears down and drops the reference while the workers are idle.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    with contextlib.suppress(Exception):
-        store = dist.distributed_c10d._get_default_store()
-        rank, world = dist.get_rank(), dist.get_world_size()
-        dist.destroy_process_group()
-        store.add(_EXITED_KEY, 1)
-        deadline = time.monotonic() + _EXIT_WAIT_S
-        while rank == 0 and store.add(_EXITED_KEY, 0) < world and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+    group: Any = None
+    created_by_nnh = False
+    registered = False
+
+
+def _drain_workers() -> None:
+    """Release the GIL for a moment so gloo's workers finish freeing finished works."""
+    for _ in range(5):
+        time.sleep(_DRAIN_S / 5)
+
+
+def _hold_group(created_by_nnh: bool) -> None:
+    if _Teardown.group is not None and _Teardown.group is not dist.group.WORLD:
+        _drain_workers()  # a new group replaces one the user destroyed: free the old safely
+    _Teardown.group = dist.group.WORLD
+    _Teardown.created_by_nnh = _Teardown.created_by_nnh or created_by_nnh
+    if not _Teardown.registered:
+        atexit.register(_teardown_at_exit)
+        _Teardown.registered = True
+
+
+def _teardown_at_exit() -> None:
+    """End the process group cleanly before the interpreter finalizes (see :class:`_Teardown`).
+
+    Without torchrun (Slurm, plain env://) rank 0's process hosts the rendezvous store, so
+    every rank reports its teardown to the store and rank 0 waits (bounded) for all.
+    """
+    _drain_workers()
+    if _Teardown.created_by_nnh and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            store = dist.distributed_c10d._get_default_store()
+            rank, world = dist.get_rank(), dist.get_world_size()
+            dist.destroy_process_group()
+            _drain_workers()
+            store.add(_EXITED_KEY, 1)
+            deadline = time.monotonic() + _EXIT_WAIT_S
+            while rank == 0 and store.add(_EXITED_KEY, 0) < world and time.monotonic() < deadline:
+                time.sleep(0.01)
+    _Teardown.group = None  # the last reference when the user destroyed the group: workers idle
 
 
 def setup_distributed(
-    use_distributed: bool | None, device_hint: torch.device | str, timeout_s: float = 1800.0
+    use_distributed: bool | None,
+    device_hint: torch.device | str,
+    timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
 ) -> tuple[DistContext, torch.device]:
     """Decide on DDP and initialise the process group; returns the context and the device.
 
     ``True`` requires a distributed environment (clear error otherwise), ``False`` ignores
-    it, ``None`` detects it. A world of one is not DDP.
+    it, ``None`` detects it. A world of one is not DDP. ``timeout_s`` bounds every
+    collective: a rank that waits longer for the others fails, and with it every rank.
     """
+    timeout_s = check_timeout(timeout_s)
     device = torch.device(device_hint)
     if use_distributed is False:
         return DistContext.single(), device
@@ -234,5 +338,10 @@ def setup_distributed(
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        atexit.register(_destroy_at_exit)
-    return DistContext(dist.get_rank(), env.local_rank, dist.get_world_size(), enabled=True), device
+        _hold_group(created_by_nnh=True)
+    else:
+        _hold_group(created_by_nnh=False)
+    context = DistContext(
+        dist.get_rank(), env.local_rank, dist.get_world_size(), enabled=True, timeout_s=timeout_s
+    )
+    return context, device

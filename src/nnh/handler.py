@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from nnh import validation as check
 from nnh.autosaver import AutoSaver
 from nnh.callbacks.base import Callback, CallbackList
 from nnh.checkpoint.background import BackgroundWriter, SaveHandle
@@ -36,15 +37,16 @@ from nnh.core import (
     TrainState,
     init_train_state,
 )
-from nnh.core.accumulate import pack_sums, sums_to_means
+from nnh.core.accumulate import pack_sums
 from nnh.core.objectives import batch_size
 from nnh.core.tree import flat_td
 from nnh.data import build_loader, fast_loader, move_to_device
 from nnh.ddp import ShardCounter, real_samples, trim_batch
-from nnh.distributed import setup_distributed
+from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
+from nnh.metric_objects import as_handler_metric
 from nnh.persistence import capture_rng, restore_rng
 from nnh.saving import (
     NonFiniteStateError,
@@ -54,7 +56,7 @@ from nnh.saving import (
     wait_for_saves,
     write_checkpoint,
 )
-from nnh.training import run_train_epoch, run_val_epoch
+from nnh.training import epoch_means, run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
 
@@ -85,6 +87,8 @@ def _check_model_kwargs(model_class: type, model_kwargs: dict[str, Any]) -> None
 class NNHandler:
     """A model's whole life: build, train, evaluate, predict, save, load, sample.
 
+    ``dist_timeout``: seconds a DDP collective waits for the other ranks (default 1800).
+
     Example:
         >>> import torch
         >>> from torch.utils.data import TensorDataset
@@ -110,10 +114,11 @@ class NNHandler:
         save_model_code: bool = False,
         model_type: ModelType | str = ModelType.CLASSIFICATION,
         use_distributed: bool | None = None,
+        dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
         **model_kwargs: Any,
     ):
         _check_model_kwargs(model_class, model_kwargs)
-        self._dist, self._device = setup_distributed(use_distributed, device)
+        self._dist, self._device = setup_distributed(use_distributed, device, dist_timeout)
         self._logger = make_logger(
             logger_mode, logger_filename, logger_level, is_main=self._dist.is_main
         )
@@ -315,7 +320,7 @@ class NNHandler:
     @save_path.setter
     def save_path(self, value: str) -> None:
         self._auto_saver = attrs.evolve(
-            self._auto_saver, save_path=str(value), from_checkpoint=False
+            self._auto_saver, save_path=check.check_save_path(value), from_checkpoint=False
         )
 
     @property
@@ -561,7 +566,8 @@ class NNHandler:
             >>> len(h.train_loader)
             3
         """
-        self._train_loader = self._make_loader("train", dataset, loader_kwargs)
+        loader = self._make_loader("train", check.check_dataset("dataset", dataset), loader_kwargs)
+        self._train_loader = check.check_has_batches("training", loader)
 
     def set_val_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
         """Validation data: a Dataset plus DataLoader options, or a ready DataLoader.
@@ -573,10 +579,11 @@ class NNHandler:
             >>> len(h.val_loader)
             1
         """
-        self._val_loader = self._make_loader("val", dataset, loader_kwargs)
+        loader = self._make_loader("val", check.check_dataset("dataset", dataset), loader_kwargs)
+        self._val_loader = check.check_has_batches("validation", loader)
 
     def add_metric(self, name: str, metric_fn: Callable[[Any, Any], Any]) -> None:
-        """Register ``metric_fn(output, target) -> number or 0-d tensor`` (a batch mean).
+        """Register ``metric_fn(output, target)`` (a batch mean) or a ``torchmetrics.Metric``.
 
         Example:
             >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
@@ -590,7 +597,7 @@ class NNHandler:
             raise ValueError(f"metric name {name!r} is reserved; choose another")
         if not callable(metric_fn):
             raise TypeError(f"metric {name!r} must be callable, got {type(metric_fn).__name__}")
-        self._metrics[name] = metric_fn
+        self._metrics[name] = as_handler_metric(metric_fn)
 
     def clear_metrics(self) -> None:
         """Remove every registered metric (their history stays).
@@ -642,7 +649,7 @@ class NNHandler:
         """
         saver = AutoSaver(
             interval=interval,
-            save_path=str(save_path),
+            save_path=check.check_save_path(save_path),
             name=name,
             overwrite=overwrite,
             every_n_steps=every_n_steps,
@@ -824,14 +831,7 @@ class NNHandler:
             >>> h.train(epochs=2, progress_bar=False); len(h.train_losses)
             2
         """
-        if not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
-        if not isinstance(validate_every, int) or validate_every < 1:
-            raise ValueError(f"validate_every must be an int >= 1, got {validate_every!r}")
-        if debug_print_interval is not None and debug_print_interval < 1:
-            raise ValueError(
-                f"debug_print_interval must be >= 1 or None, got {debug_print_interval!r}"
-            )
+        check.check_train_args(**{k: v for k, v in locals().items() if k != "self"})
         self._check_ready()
         raise_save_failures(self)
         if self._resume is not None:
@@ -863,7 +863,7 @@ class NNHandler:
         self.stop_training = False
         callbacks = CallbackList(self._callbacks, is_main=self._dist.is_main)
         show = progress_bar and self._dist.is_main
-        start_epoch = state.epoch
+        start_epoch, history_at_start = state.epoch, len(self._history.train_losses)
         self._target_epoch = start_epoch + epochs
         self._log(
             f"training epochs {start_epoch + 1}..{start_epoch + epochs} "
@@ -909,6 +909,8 @@ class NNHandler:
             wait_for_saves(self)  # every background save is on disk before train() returns
         except BaseException as exc:
             self._drain_saves_after(exc)
+            recorded = len(self._history.train_losses) - history_at_start
+            self._state = check.epoch_matching_history(self._state, start_epoch, recorded)
             error = self._dist.fail(exc)
             if error is exc:
                 raise
@@ -992,7 +994,7 @@ class NNHandler:
         self._dist.all_reduce_sum(flat)
         names = list(self._metrics)
         n_train = 2 + len(names)
-        train_loss, train_metrics, _ = sums_to_means(flat[:n_train], names)
+        train_loss, train_metrics = epoch_means(flat[:n_train], self._metrics, "train")
         if not math.isfinite(train_loss):
             raise FloatingPointError(
                 f"the training loss of epoch {epoch} is {train_loss} (on every rank): training diverged. "
@@ -1002,7 +1004,7 @@ class NNHandler:
         logs: dict[str, Any] = {"epoch": epoch, "loss": train_loss, **train_metrics}
         val_loss, val_metrics = None, None
         if has_val:
-            val_loss, val_metrics, _ = sums_to_means(flat[n_train:], names)
+            val_loss, val_metrics = epoch_means(flat[n_train:], self._metrics, "val")
             logs["val_loss"] = val_loss
             logs.update({f"val_{k}": v for k, v in val_metrics.items()})
             callbacks.call("on_val_end", dict(logs))
@@ -1041,6 +1043,7 @@ class NNHandler:
                 callbacks=callbacks,
                 progress=bar,
                 real_samples=real_samples(self._val_loader),
+                loss_epoch=epoch - 1,
             )
         finally:
             if bar is not None:
@@ -1401,6 +1404,7 @@ class NNHandler:
             (2, torch.Size([4, 1]))
         """
         raise_save_failures(self)
+        check.check_predict_data(data_loader)
         if not isinstance(data_loader, DataLoader):
             data_loader = DataLoader(data_loader, batch_size=64)
         from nnh.ddp import gather_predictions, sharded_eval_loader

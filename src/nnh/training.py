@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from nnh.callbacks.base import CallbackList
 from nnh.core import TrainConfig, TrainState, end_epoch, eval_step, metric_sums, train_step
-from nnh.core.accumulate import EpochSums, add_to_sums, new_sums
+from nnh.core.accumulate import EpochSums, add_to_sums, new_sums, sums_to_means
 from nnh.core.objectives import batch_size
 from nnh.data import move_to_device
 from nnh.ddp import ShardCounter, trim_batch
+from nnh.metric_objects import begin_phase, end_phase
+from nnh.validation import check_samples_seen
 
 __all__ = ["EpochResult", "run_train_epoch", "run_val_epoch"]
 
@@ -74,6 +76,7 @@ def run_train_epoch(
     refreshed at most every 0.5 s.
     """
     status = status if status is not None else progress
+    begin_phase(metrics, "train")
     sums = new_sums(list(metrics), device)
     if initial_sums is not None:
         add_to_sums(
@@ -156,11 +159,17 @@ def run_val_epoch(
     callbacks: CallbackList,
     progress: tqdm | None = None,
     real_samples: int | None = None,
+    loss_epoch: int | None = None,
 ) -> EpochResult:
     """Evaluate one epoch (no gradients); returns the epoch sums.
 
     ``real_samples`` trims DistributedSampler padding off the batches (never evaluated).
+    ``loss_epoch`` is the ``epoch=`` a loss that asks for it gets (default ``state.epoch``):
+    the handler passes the index its training steps of that epoch got, so both agree.
     """
+    if loss_epoch is not None and loss_epoch != state.epoch:
+        state = attrs.evolve(state, epoch=loss_epoch)
+    begin_phase(metrics, "val")
     sums = new_sums(list(metrics), device)
     hooks_begin = callbacks.wants("on_val_batch_begin")
     hooks_end = callbacks.wants("on_val_batch_end")
@@ -184,6 +193,23 @@ def run_val_epoch(
         if progress is not None:
             progress.update(1)
     return EpochResult(state=None, sums=sums)
+
+
+def epoch_means(
+    packed: torch.Tensor, metrics: Mapping[str, Any], phase: str
+) -> tuple[float, dict[str, float]]:
+    """``(mean loss, {metric: value})`` of an epoch phase from its packed, reduced sums.
+
+    Stateful metrics (torchmetrics) get their computed value; a phase that saw no sample is
+    an error saying its loader yielded no batches (not a NaN loss).
+
+    Example:
+        >>> epoch_means(torch.tensor([6.0, 3.0, 3.0], dtype=torch.float64), {"acc": None}, "train")
+        (2.0, {'acc': 1.0})
+    """
+    loss, values, seen = sums_to_means(packed, list(metrics))
+    check_samples_seen("training" if phase == "train" else "validation", seen)
+    return loss, end_phase(metrics, phase, values)
 
 
 def _safe_len(loader: Any) -> int | None:
