@@ -15,7 +15,6 @@ succeeded.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,7 +65,7 @@ def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -
         >>> non_finite_state(h)
         []
         >>> with torch.no_grad():
-        ...     h.module.bias.fill_(float("nan"))
+        ...     _ = h.module.bias.fill_(float("nan"))
         >>> non_finite_state(h)
         ['model bias']
     """
@@ -77,8 +76,8 @@ def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -
         bad = [named[i][0] for i in (~finite).nonzero().flatten().tolist()]
     if resume is not None:
         loss = resume.get("sums", {}).get("loss")
-        value = float(loss) if loss is not None else 0.0
-        if not math.isfinite(value):
+        # one running loss, or one per ensemble member
+        if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
             bad.append("the epoch's running loss")
     return bad
 

@@ -179,6 +179,11 @@ class EnsembleModule(nn.Module):
         self._param_slots = _first_slots(holder, "_parameters")
         self._buffer_slots = _first_slots(holder, "_buffers")
 
+    @property
+    def member_class(self) -> type[nn.Module]:
+        """The class of the members."""
+        return type(self._holder)
+
     def extra_repr(self) -> str:
         return f"members={self.ensemble_size}, model={type(self._holder).__name__}"
 
