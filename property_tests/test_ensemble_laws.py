@@ -27,7 +27,10 @@ from nnh.core.ensemble import (
     stack_states,
 )
 
-shapes = st.tuples(st.integers(1, 5), st.integers(1, 6), st.integers(1, 3), st.integers(2, 7))
+# d_in >= 2 and batches >= 3: with one input or two samples, BatchNorm after a bias-free
+# layer makes the output invariant to that layer's weights, whose gradient is then pure
+# rounding noise that adaptive optimizers blow up (see mlp below)
+shapes = st.tuples(st.integers(2, 5), st.integers(1, 6), st.integers(1, 3), st.integers(3, 7))
 hyper = st.fixed_dictionaries(
     {
         "members": st.integers(1, 4),
@@ -99,10 +102,13 @@ def single_config(shape, h):
     )
 
 
-def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tol: float = 2e-5) -> bool:
+def close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Equal up to float32 rounding: batched matmuls round differently from one model's, and
+    adaptive optimizers on tiny random models (e.g. centered RMSprop's difference of
+    squares) can amplify one ulp of a gradient to ~1e-4 relative in their state."""
     if a.keys() != b.keys():
         return False
-    return all(torch.allclose(a[k].double(), b[k].double(), atol=tol, rtol=tol) for k in a)
+    return all(torch.allclose(a[k].double(), b[k].double(), atol=2e-5, rtol=2e-4) for k in a)
 
 
 @given(shape=shapes, h=hyper, data_seed=st.integers(0, 2**16))
