@@ -226,3 +226,16 @@ def test_damaged_ensemble_section_is_refused(tmp_path):
     save_checkpoint(payload, str(path))  # a validly sealed file with a bad section
     with pytest.raises(CheckpointError, match="'ensemble' is damaged"):
         NNHandler.load(str(path))
+
+
+def test_autosaver_writes_ensemble_checkpoints_each_epoch(tmp_path):
+    torch.manual_seed(0)
+    h = NNHandler(EnsMLP, ensemble_size=E, hidden=8)
+    configure(h)
+    h.auto_save(1, save_path=str(tmp_path), name="ens_{epoch:02d}", overwrite=True)
+    h.train(epochs=2, progress_bar=False)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["ens_02.pth"]  # the first rotated
+    g = NNHandler.load(str(tmp_path / "ens_02.pth"))
+    assert g.ensemble_size == E and g.state.epoch == 2
+    for k, v in h.module.state_dict().items():
+        assert torch.equal(g.module.state_dict()[k], v)

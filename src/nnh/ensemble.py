@@ -19,7 +19,14 @@ from nnh.core.accumulate import member_means
 from nnh.core.ensemble import EnsembleModule
 from nnh.history import History
 
-__all__ = ["Ensemble", "MemberHistory", "check_ensemble_size", "trim_member_batch"]
+__all__ = [
+    "Ensemble",
+    "MemberHistory",
+    "check_ensemble_size",
+    "gather_member_predictions",
+    "move_member_dim",
+    "trim_member_batch",
+]
 
 
 def check_ensemble_size(value: Any) -> int | None:
@@ -138,6 +145,32 @@ class Ensemble:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the per-member history of a checkpoint's ``ensemble`` section."""
         self.history.load_state_dict(state.get("member_history") or {})
+
+
+def move_member_dim(x: Any, source: int, destination: int) -> Any:
+    """``torch.movedim`` on every tensor of a (nested) output.
+
+    Example:
+        >>> move_member_dim(torch.zeros(2, 5, 3), 0, -1).shape
+        torch.Size([5, 3, 2])
+    """
+    if isinstance(x, torch.Tensor):
+        return x.movedim(source, destination)
+    if isinstance(x, (list, tuple)):
+        return type(x)(move_member_dim(v, source, destination) for v in x)
+    if isinstance(x, dict):
+        return {key: move_member_dim(v, source, destination) for key, v in x.items()}
+    return x
+
+
+def gather_member_predictions(dist: Any, outputs: list[Any], loader: Any) -> list[Any] | None:
+    """:func:`nnh.ddp.gather_predictions` for ``[E, B, ...]`` outputs: samples are gathered
+    along their own dimension, the member dimension moved last meanwhile."""
+    from nnh.ddp import gather_predictions
+
+    moved = [move_member_dim(o, 0, -1) for o in outputs]
+    gathered = gather_predictions(dist, moved, loader)
+    return None if gathered is None else [move_member_dim(o, -1, 0) for o in gathered]
 
 
 def trim_member_batch(x: Any, k: int) -> Any:

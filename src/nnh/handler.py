@@ -42,7 +42,7 @@ from nnh.core.tree import flat_td
 from nnh.data import build_loader, fast_loader, move_to_device
 from nnh.ddp import ShardCounter, real_samples, trim_batch
 from nnh.distributed import setup_distributed
-from nnh.ensemble import Ensemble, check_ensemble_size
+from nnh.ensemble import Ensemble, check_ensemble_size, gather_member_predictions
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
@@ -1403,6 +1403,8 @@ class NNHandler:
                 self._train_mode()
         if not self._dist.enabled:
             return outputs
+        if self._ensemble is not None:
+            return gather_member_predictions(self._dist, outputs, data_loader)
         return gather_predictions(self._dist, outputs, data_loader)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
