@@ -239,3 +239,9 @@ def test_autosaver_writes_ensemble_checkpoints_each_epoch(tmp_path):
     assert g.ensemble_size == E and g.state.epoch == 2
     for k, v in h.module.state_dict().items():
         assert torch.equal(g.module.state_dict()[k], v)
+
+
+def test_compile_model_is_refused_for_ensembles_with_a_clear_error():
+    h = NNHandler(EnsMLP, ensemble_size=2, hidden=4)
+    with pytest.raises(RuntimeError, match="compile_model does not support ensembles"):
+        h.compile_model(backend="eager")

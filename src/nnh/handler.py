@@ -1658,6 +1658,8 @@ class NNHandler:
         """
         if not hasattr(torch, "compile"):
             raise RuntimeError("torch.compile needs PyTorch 2.0 or newer")
+        if self._ensemble is not None:
+            raise RuntimeError("compile_model does not support ensembles (ensemble_size=...) yet")
         self._model = torch.compile(self._model, **kwargs)
         self._compile_kwargs = dict(kwargs)
         self._log(f"model compiled with {kwargs or 'default options'}")
