@@ -245,3 +245,11 @@ def test_compile_model_is_refused_for_ensembles_with_a_clear_error():
     h = NNHandler(EnsMLP, ensemble_size=2, hidden=4)
     with pytest.raises(RuntimeError, match="compile_model does not support ensembles"):
         h.compile_model(backend="eager")
+
+
+def test_a_loss_that_is_not_a_scalar_per_member_is_named():
+    h = NNHandler(EnsMLP, ensemble_size=2, hidden=4)
+    configure(h)
+    h.set_loss_fn(nn.functional.cross_entropy, reduction="none")
+    with pytest.raises(TypeError, match=r"scalar tensor for each member .* got shape \(16,\)"):
+        h.train(epochs=1, progress_bar=False)

@@ -66,6 +66,7 @@ __all__ = [
     "ensemble_train_step",
     "member_state",
     "stack_states",
+    "vectorise_objective",
 ]
 
 # Optimizers whose update of an element depends only on that element's own history (and on
@@ -246,11 +247,18 @@ class EnsembleModule(nn.Module):
         def one(member: Callable[..., Any]) -> tuple[Any, ...]:
             ev = objective(member, batch, epoch)
             side["n"] = ev.num_samples
-            loss = (
-                ev.loss.reshape(())
-                if isinstance(ev.loss, torch.Tensor) and ev.loss.numel() == 1
-                else ev.loss
-            )
+            loss = ev.loss
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                what = (
+                    type(loss).__name__
+                    if not isinstance(loss, torch.Tensor)
+                    else f"shape {tuple(loss.shape)}"
+                )
+                raise TypeError(
+                    "the loss function must return a scalar tensor for each member (reduce it "
+                    f"to the batch mean), got {what}"
+                )
+            loss = loss.reshape(())
             if _is_tensor_tree(ev.target):
                 return loss, ev.output, ev.target
             side["target"] = ev.target
