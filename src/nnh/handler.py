@@ -38,11 +38,13 @@ from nnh.core import (
     init_train_state,
 )
 from nnh.core.accumulate import pack_sums
+from nnh.core.ensemble import EnsembleConfig, check_vectorisable
 from nnh.core.objectives import batch_size
 from nnh.core.tree import flat_td
 from nnh.data import build_loader, fast_loader, move_to_device
 from nnh.ddp import ShardCounter, real_samples, trim_batch
 from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
+from nnh.ensemble import Ensemble, check_ensemble_size, gather_member_predictions
 from nnh.enums import LoggingMode, ModelType
 from nnh.history import History
 from nnh.logs import make_logger
@@ -115,9 +117,12 @@ class NNHandler:
         model_type: ModelType | str = ModelType.CLASSIFICATION,
         use_distributed: bool | None = None,
         dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
+        ensemble_size: int | None = None,
         **model_kwargs: Any,
     ):
         _check_model_kwargs(model_class, model_kwargs)
+        size = check_ensemble_size(ensemble_size)
+        self._ensemble = None if size is None else Ensemble(size)
         self._dist, self._device = setup_distributed(use_distributed, device, dist_timeout)
         self._logger = make_logger(
             logger_mode, logger_filename, logger_level, is_main=self._dist.is_main
@@ -297,6 +302,28 @@ class NNHandler:
         return self._history.val_metrics
 
     @property
+    def ensemble_size(self) -> int | None:
+        """Members of a vectorised ensemble (``NNHandler(..., ensemble_size=E)``), else ``None``."""
+        return None if self._ensemble is None else self._ensemble.size
+
+    @property
+    def member_history(self) -> Any:
+        """Per-member epoch means of an ensemble (:class:`nnh.ensemble.MemberHistory`), else None."""
+        return None if self._ensemble is None else self._ensemble.history
+
+    def member(self, index: int) -> nn.Module:
+        """A plain ``model_class`` module holding ensemble member ``index``'s weights (a copy).
+
+        Example:
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, ensemble_size=3)
+            >>> h.ensemble_size, h(torch.zeros(5, 2)).shape, h.member(2).weight.shape
+            (3, torch.Size([3, 5, 1]), torch.Size([1, 2]))
+        """
+        if self._ensemble is None:
+            raise RuntimeError("member() needs an ensemble: NNHandler(..., ensemble_size=E)")
+        return self.module.member(index)
+
+    @property
     def state(self) -> TrainState | None:
         """The functional core's record (parameters, optimizer state, EMA, counters)."""
         return self._state
@@ -434,14 +461,19 @@ class NNHandler:
         supplied = _CHECKPOINT_TENSORS.get()
         if supplied is not None:
             with torch.device("meta"):
-                module = model_class(**model_kwargs)
+                module = self._construct(model_class, model_kwargs)
             names = {n for n, _ in module.named_parameters()} | {
                 n for n, _ in module.named_buffers()
             }
             if names <= supplied:  # every tensor comes from the checkpoint: no init needed
                 module._nnh_meta_init = True  # type: ignore[attr-defined]
                 return module
-        return model_class(**model_kwargs).to(self._device)
+        return self._construct(model_class, model_kwargs).to(self._device)
+
+    def _construct(self, model_class: type[nn.Module], model_kwargs: dict[str, Any]) -> nn.Module:
+        if self._ensemble is None:
+            return model_class(**model_kwargs)
+        return self._ensemble.build(model_class, model_kwargs)
 
     def _install_module(self, module: nn.Module) -> None:
         self._module = module
@@ -480,6 +512,8 @@ class NNHandler:
             ('SGD', 0.9)
         """
         adapter = OptimizerAdapter.create(optimizer_class, self.module, **optimizer_kwargs)
+        if self._ensemble is not None:
+            check_vectorisable(optimizer_class)
         self._optimizer_spec = (optimizer_class, dict(optimizer_kwargs))
         self._adapter = adapter
         self._state = None
@@ -766,7 +800,7 @@ class NNHandler:
         cached = getattr(self, "_config_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        config = TrainConfig(
+        config = (TrainConfig if self._ensemble is None else EnsembleConfig)(
             model=self._model,
             module=self.module,
             optimizer=self._adapter,
@@ -993,7 +1027,7 @@ class NNHandler:
         flat = torch.cat(packed)
         self._dist.all_reduce_sum(flat)
         names = list(self._metrics)
-        n_train = 2 + len(names)
+        n_train = packed[0].numel()
         train_loss, train_metrics = epoch_means(flat[:n_train], self._metrics, "train")
         if not math.isfinite(train_loss):
             raise FloatingPointError(
@@ -1009,6 +1043,8 @@ class NNHandler:
             logs.update({f"val_{k}": v for k, v in val_metrics.items()})
             callbacks.call("on_val_end", dict(logs))
         self._history.append(train_loss, val_loss, train_metrics, val_metrics)
+        if self._ensemble is not None:
+            self._ensemble.record_epoch(flat, n_train, names, has_val)
         optimizer = self.optimizer
         if optimizer is not None:
             logs["lr"] = float(optimizer.param_groups[0]["lr"])  # the rate this epoch trained with
@@ -1429,6 +1465,8 @@ class NNHandler:
                 self._train_mode()
         if not self._dist.enabled:
             return outputs
+        if self._ensemble is not None:
+            return gather_member_predictions(self._dist, outputs, data_loader)
         return gather_predictions(self._dist, outputs, data_loader)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -1669,6 +1707,8 @@ class NNHandler:
         """
         if not hasattr(torch, "compile"):
             raise RuntimeError("torch.compile needs PyTorch 2.0 or newer")
+        if self._ensemble is not None:
+            raise RuntimeError("compile_model does not support ensembles (ensemble_size=...) yet")
         self._model = torch.compile(self._model, **kwargs)
         self._compile_kwargs = dict(kwargs)
         self._log(f"model compiled with {kwargs or 'default options'}")

@@ -225,12 +225,14 @@ def load_handler(
     weights = strip_wrapper_prefixes(payload["model_state_dict"])
     payload["model_state_dict"] = weights
     token = _CHECKPOINT_TENSORS.set(frozenset(weights))
+    ensemble = payload.get("ensemble")
     try:
         handler = handler_class(
             resolved.model,
             device=torch.device(device) if device is not None else "cpu",
             model_type=model["type"],
             save_model_code=model.get("source") is not None,
+            ensemble_size=None if ensemble is None else ensemble["size"],
             **model["kwargs"],
         )
     finally:
@@ -381,6 +383,8 @@ def apply_payload(
     if not skip_history:
         with _section(path, "history"):
             h._history.load_state_dict(payload.get("history") or {})
+            if h._ensemble is not None:
+                h._ensemble.load_state_dict(payload.get("ensemble") or {})
     _restore_components(h, path, resolved)
     with _section(path, "auto_saver"):
         h._auto_saver = AutoSaver.from_state_dict(payload.get("auto_saver") or {})

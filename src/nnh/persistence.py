@@ -11,7 +11,8 @@ Layout (format version 2)::
     integrity    {algorithm, tensors, digest}            checksums (nnh.checkpoint.integrity)
     run          {id}                                    the run that wrote the file
     model        {class, kwargs, type, source?, frozen, keep_eval, compile}
-    model_state_dict                     plain-module keys
+    model_state_dict                     plain-module keys (an ensemble's: stacked [E, ...])
+    ensemble     {size, member_history} or None        a vectorised ensemble (nnh.ensemble)
     train_state  {counters, ema?, scaler?, grads?}      the core record (less params/opt)
     optimizer    {class, kwargs, state_dict}             torch's own optimizer state dict
     scheduler    {class, kwargs, state_dict}
@@ -211,7 +212,7 @@ def handler_payload(
     """The complete, weights_only-safe state of ``handler``."""
     h = handler
     module = h.module
-    model_class = type(module)
+    model_class = type(module) if h._ensemble is None else module.member_class
     model_path = _path_or_none(model_class, f"model class {model_class.__name__}")
     if model_path is None and not h._save_model_code:
         raise CheckpointError(
@@ -230,6 +231,7 @@ def handler_payload(
         "compile": h._compile_kwargs,
     }
     payload["model_state_dict"] = module.state_dict()
+    payload["ensemble"] = None if h._ensemble is None else h._ensemble.state_dict()
     state = h._state
     if state is not None:
         payload["train_state"] = {

@@ -15,7 +15,6 @@ succeeded.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,8 +81,8 @@ def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -
         bad = [named[i][0] for i in (~finite).nonzero().flatten().tolist()]
     if resume is not None:
         loss = resume.get("sums", {}).get("loss")
-        value = float(loss) if loss is not None else 0.0
-        if not math.isfinite(value):
+        # one running loss, or one per ensemble member
+        if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
             bad.append("the epoch's running loss")
     return bad
 

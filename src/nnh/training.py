@@ -18,11 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from nnh.callbacks.base import CallbackList
-from nnh.core import TrainConfig, TrainState, end_epoch, eval_step, metric_sums, train_step
+from nnh.core import TrainConfig, TrainState, end_epoch, eval_step, train_step
 from nnh.core.accumulate import EpochSums, add_to_sums, new_sums, sums_to_means
 from nnh.core.objectives import batch_size
 from nnh.data import move_to_device
 from nnh.ddp import ShardCounter, trim_batch
+from nnh.ensemble import trim_member_batch
 from nnh.metric_objects import begin_phase, end_phase
 from nnh.validation import check_samples_seen
 
@@ -77,7 +78,7 @@ def run_train_epoch(
     """
     status = status if status is not None else progress
     begin_phase(metrics, "train")
-    sums = new_sums(list(metrics), device)
+    sums = new_sums(list(metrics), device, members=config.members)
     if initial_sums is not None:
         add_to_sums(
             sums,
@@ -110,7 +111,8 @@ def run_train_epoch(
             if loss_of is None:
                 n = out.num_samples  # the loss cannot be recomputed on part of the batch
             else:
-                output, target = trim_batch(output, n), trim_batch(target, n)
+                trim = trim_batch if config.members is None else trim_member_batch
+                output, target = trim(output, n), trim(target, n)
                 if n:
                     with torch.no_grad():
                         loss = loss_of(output, target, state.epoch).detach()
@@ -119,7 +121,7 @@ def run_train_epoch(
                 sums,
                 loss.double() * n,
                 n,
-                metric_sums(metrics, output, target, n) if metrics else None,
+                config.metric_sums(metrics, output, target, n) if metrics else None,
             )
         if batch_hooks_end:
             callbacks.call(
@@ -170,7 +172,7 @@ def run_val_epoch(
     if loss_epoch is not None and loss_epoch != state.epoch:
         state = attrs.evolve(state, epoch=loss_epoch)
     begin_phase(metrics, "val")
-    sums = new_sums(list(metrics), device)
+    sums = new_sums(list(metrics), device, members=config.members)
     hooks_begin = callbacks.wants("on_val_batch_begin")
     hooks_end = callbacks.wants("on_val_batch_end")
     shard = ShardCounter(real_samples)

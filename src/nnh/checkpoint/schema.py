@@ -128,6 +128,11 @@ _SECTIONS: dict[str, tuple[bool, Check, str]] = {
         "a dict with the mid-epoch position",
     ),
     "run": (False, _optional(_record(id=_str)), "a dict with the run 'id' (str)"),
+    "ensemble": (
+        False,
+        _optional(_record(size=lambda v: _int(v) and v >= 1, member_history=_optional(_dict))),
+        "None, or a dict with the member count 'size' (an int >= 1) and 'member_history'",
+    ),
 }
 
 

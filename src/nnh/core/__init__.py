@@ -6,6 +6,15 @@ Read ``docs/core.md`` for the contract. Everything here is usable without
 
 from nnh.core.binding import ModuleBinding, unwrap_module
 from nnh.core.ema import ema_update, ema_update_
+from nnh.core.ensemble import (
+    EnsembleConfig,
+    EnsembleModule,
+    ensemble_end_epoch,
+    ensemble_eval_step,
+    ensemble_train_step,
+    member_state,
+    stack_states,
+)
 from nnh.core.metrics import MetricError, metric_sums
 from nnh.core.objectives import Evaluation, Supervised, batch_size, split_batch
 from nnh.core.optim import OptimizerAdapter
@@ -22,6 +31,8 @@ from nnh.core.step import (
 )
 
 __all__ = [
+    "EnsembleConfig",
+    "EnsembleModule",
     "EvalOutput",
     "Evaluation",
     "LossScaler",
@@ -38,12 +49,17 @@ __all__ = [
     "ema_update",
     "ema_update_",
     "end_epoch",
+    "ensemble_end_epoch",
+    "ensemble_eval_step",
+    "ensemble_train_step",
     "eval_step",
     "init_scaler_state",
     "init_train_state",
+    "member_state",
     "metric_sums",
     "scaler_update",
     "split_batch",
+    "stack_states",
     "train_step",
     "unscale_grads_",
     "unwrap_module",

@@ -146,6 +146,28 @@ class TrainConfig:
             self._cache["ema"] = cached
         return cached[2], cached[3]
 
+    @property
+    def members(self) -> int | None:
+        """Ensemble members trained by this configuration (``None``: a single model)."""
+        return None
+
+    def clip_grads_(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Scale ``grads`` in place to global norm ``<= clip_norm``; returns the norm."""
+        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        coef = torch.clamp(self.clip_norm / (grad_norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return grad_norm
+
+    def metric_sums(
+        self,
+        metrics: Mapping[str, Callable[[Any, Any], Any]],
+        output: Any,
+        target: Any,
+        num_samples: int,
+    ) -> dict[str, torch.Tensor | float]:
+        """Sample-weighted sums of ``metrics`` on a batch's output (see :func:`metric_sums`)."""
+        return metric_sums(metrics, output, target, num_samples)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of this configuration (a no-op without ``amp_dtype``)."""
         if self.amp_dtype is None:
@@ -220,8 +242,10 @@ def _detach(x: Any) -> Any:
     return x
 
 
-def _check_loss(loss: Any) -> torch.Tensor:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+def _check_loss(loss: Any, members: int | None = None) -> torch.Tensor:
+    if members is not None and isinstance(loss, torch.Tensor) and loss.shape == (members,):
+        pass  # one loss per ensemble member
+    elif not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         what = (
             type(loss).__name__
             if not isinstance(loss, torch.Tensor)
@@ -278,7 +302,8 @@ def train_step(
     with scope, sync:
         with config.autocast():
             ev = config.objective(config.model, batch, state.epoch)
-        loss = _check_loss(ev.loss)
+        members = config.members
+        loss = _check_loss(ev.loss, members)
         n = ev.num_samples
         first = state.window_first if state.micro_step else n
         scaled = loss
@@ -286,7 +311,8 @@ def train_step(
             scaled = loss * (n / first)
         if state.scaler is not None:
             scaled = scaled * state.scaler["scale"]
-        scaled.backward()
+        # ensemble members are independent: the sum's gradient is each member's own
+        (scaled.sum() if members else scaled).backward()
     window = _Window(
         micro, state.window_samples + n, first, scope.new_rng if state.rng is not None else None
     )
@@ -332,9 +358,7 @@ def _apply_update(
         torch._foreach_div_(grads, weight)
     grad_norm = None
     if config.clip_norm is not None and grads:
-        grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        coef = torch.clamp(config.clip_norm / (grad_norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].device))
+        grad_norm = config.clip_grads_(grads)
     skipped = found_inf is not None and bool(found_inf.item())
     new_opt_state = None
     if not skipped:
@@ -426,5 +450,5 @@ def eval_step(
         ev = config.objective(config.model, batch, state.epoch)
     n = ev.num_samples
     loss_sum = ev.loss.detach().double() * n
-    sums = metric_sums(metrics, ev.output, ev.target, n) if metrics else {}
+    sums = config.metric_sums(metrics, ev.output, ev.target, n) if metrics else {}
     return EvalOutput(loss_sum=loss_sum, metric_sums=sums, num_samples=n, output=ev.output)
