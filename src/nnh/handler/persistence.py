@@ -1,4 +1,4 @@
-"""What a handler checkpoint holds (the save side; :mod:`nnh.loading` rebuilds a handler).
+"""What a handler checkpoint holds (the save side; :mod:`nnh.handler.loading` rebuilds a handler).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (it loads with
 ``torch.load(weights_only=True)``). Classes and functions are recorded by import path and
