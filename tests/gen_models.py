@@ -6,7 +6,7 @@
 - :class:`NaNAfter`: the exact Gaussian model that turns to NaN after ``k`` calls.
 - :func:`mixture_data`, :func:`mixture_modes`, :func:`mixture_log_density`: a 2-D mixture of
   Gaussians on a circle; :class:`ScoreMLP`: a small time-conditioned score network.
-- :class:`SDESampler`: a :class:`nnh.sampler.Sampler` that samples through its handler.
+- :class:`SDESampler`: a :class:`nnh.generative.sampler.Sampler` that samples through its handler.
 - :class:`CallRecorder`: counts and records the calls of a module's forward.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnh.generative.sampler import Sampler
 from nnh.generative.sde import SDE, VPSDE, expand_time
-from nnh.sampler import Sampler
 
 __all__ = [
     "FOUR_MODES",

@@ -30,7 +30,7 @@ from nnh import NNHandler
 from nnh.callbacks import ModelCheckpoint
 from nnh.checkpoint import CheckpointError, KeyMismatchWarning, load_checkpoint, save_checkpoint
 from nnh.checkpoint.ownership import read_run_id
-from nnh.persistence import handler_payload
+from nnh.handler.persistence import handler_payload
 
 PY = sys.executable
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -34,7 +34,7 @@ from torch.utils.data import TensorDataset
 import nnh
 from nnh import NNHandler
 from nnh.generative import SDE, VESDE, VPSDE, SubVPSDE, sample_reverse_sde
-from nnh.sampler import Sampler
+from nnh.generative.sampler import Sampler
 
 torch.set_num_threads(1)
 

@@ -23,9 +23,9 @@ from nnh.core import (
     init_train_state,
     train_step,
 )
-from nnh.enums import LoggingMode, ModelType
+from nnh.generative.sampler import Sampler
 from nnh.handler import NNHandler
-from nnh.sampler import Sampler
+from nnh.handler.enums import LoggingMode, ModelType
 
 __version__ = "0.1.0"
 

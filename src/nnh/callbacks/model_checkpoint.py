@@ -67,7 +67,7 @@ class ModelCheckpoint(Callback):
         self._from_checkpoint = False
 
     def _save(self, path: Path) -> None:
-        from nnh.saving import write_checkpoint
+        from nnh.handler.saving import write_checkpoint
 
         write_checkpoint(self.handler, str(path), guard_replace=self._from_checkpoint)
 

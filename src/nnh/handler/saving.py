@@ -24,7 +24,7 @@ import torch
 from nnh.checkpoint import CheckpointError, save_checkpoint
 from nnh.checkpoint.background import SaveHandle
 from nnh.checkpoint.ownership import folder_may_receive, may_replace
-from nnh.persistence import handler_payload
+from nnh.handler.persistence import handler_payload
 
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler

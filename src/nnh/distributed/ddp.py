@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from nnh.distributed import DistContext
+from nnh.distributed.context import DistContext
 
 __all__ = [
     "ShardCounter",

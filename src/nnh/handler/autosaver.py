@@ -38,7 +38,7 @@ class AutoSaver:
     ``every_n_steps`` also writes a mid-epoch checkpoint every N micro-steps to one file per
     name pattern, :meth:`step_path` (replaced atomically), for exact resume.
     ``async_save`` writes every automatic save on a background thread (the state is
-    snapshotted at the save point; see :func:`nnh.saving.submit_checkpoint`).
+    snapshotted at the save point; see :func:`nnh.handler.saving.submit_checkpoint`).
     ``from_checkpoint`` marks a configuration read from a file rather than set by the user:
     its automatic saves then replace only files this run wrote.
 

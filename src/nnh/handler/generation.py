@@ -28,13 +28,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from nnh.core.objectives import batch_size as count_batch
-from nnh.data import fast_loader, move_to_device
-from nnh.ddp import ShardCounter, gather_predictions, real_samples, sharded_eval_loader, trim_batch
+from nnh.distributed.ddp import (
+    ShardCounter,
+    gather_predictions,
+    real_samples,
+    sharded_eval_loader,
+    trim_batch,
+)
 from nnh.generative.checks import check_data, check_sample_shape
 from nnh.generative.divergence import PROBE_KINDS, fresh_probes
 from nnh.generative.likelihood import log_likelihood_ode
 from nnh.generative.samplers import check_sampler_options, sample_sde
 from nnh.generative.sampling import check_steps
+from nnh.handler.data import fast_loader, move_to_device
 
 __all__ = [
     "handler_log_likelihood",

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nnh.enums import LoggingMode
+from nnh.handler.enums import LoggingMode
 
 __all__ = ["make_logger"]
 

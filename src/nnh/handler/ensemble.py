@@ -17,7 +17,7 @@ from torch import nn
 
 from nnh.core.accumulate import member_means
 from nnh.core.ensemble import EnsembleModule
-from nnh.history import History
+from nnh.handler.history import History
 
 __all__ = [
     "Ensemble",
@@ -164,9 +164,9 @@ def move_member_dim(x: Any, source: int, destination: int) -> Any:
 
 
 def gather_member_predictions(dist: Any, outputs: list[Any], loader: Any) -> list[Any] | None:
-    """:func:`nnh.ddp.gather_predictions` for ``[E, B, ...]`` outputs: samples are gathered
+    """:func:`nnh.distributed.ddp.gather_predictions` for ``[E, B, ...]`` outputs: samples are gathered
     along their own dimension, the member dimension moved last meanwhile."""
-    from nnh.ddp import gather_predictions
+    from nnh.distributed.ddp import gather_predictions
 
     moved = [move_member_dim(o, 0, -1) for o in outputs]
     gathered = gather_predictions(dist, moved, loader)

@@ -41,7 +41,7 @@ from nnh.checkpoint.callables import restore_callable
 from nnh.checkpoint.schema import check_handler_payload
 from nnh.checkpoint.trust import resolve_class_record
 from nnh.core.tree import flat_td
-from nnh.persistence import restore_rng
+from nnh.handler.persistence import restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
@@ -153,8 +153,8 @@ def resolve_payload(
     payload: dict[str, Any], path: str, *, trust_model_code: bool, skip: dict[str, bool]
 ) -> _Resolved:
     """Resolve and type-check every name the checkpoint holds, calling none of them."""
+    from nnh.generative.sampler import Sampler
     from nnh.generative.sde import SDE
-    from nnh.sampler import Sampler
 
     r = _Resolved(model=resolve_model_class(payload["model"], path, trust_model_code))
     if payload.get("optimizer"):
@@ -211,7 +211,7 @@ def load_handler(
     trust_model_code: bool,
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
-    from nnh.handler import _CHECKPOINT_TENSORS
+    from nnh.handler.nnhandler import _CHECKPOINT_TENSORS
 
     payload = load_checkpoint(path, map_location="cpu")
     check_handler_payload(payload, path)
@@ -369,8 +369,8 @@ def apply_payload(
     skip_ema: bool,
 ) -> None:
     """Restore a checked checkpoint's state into a handler built with its model."""
-    from nnh.autosaver import AutoSaver
     from nnh.core import LossScaler
+    from nnh.handler.autosaver import AutoSaver
 
     h = handler
     _restore_model(h, payload, path, strict_load)

@@ -24,8 +24,6 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from nnh import validation as check
-from nnh.autosaver import AutoSaver
 from nnh.callbacks.base import Callback, CallbackList
 from nnh.checkpoint.background import BackgroundWriter, SaveHandle
 from nnh.checkpoint.ownership import new_run_id
@@ -41,16 +39,18 @@ from nnh.core.accumulate import pack_sums
 from nnh.core.ensemble import EnsembleConfig, check_vectorisable
 from nnh.core.objectives import batch_size
 from nnh.core.tree import flat_td
-from nnh.data import build_loader, fast_loader, move_to_device
-from nnh.ddp import ShardCounter, real_samples, trim_batch
 from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
-from nnh.ensemble import Ensemble, check_ensemble_size, gather_member_predictions
-from nnh.enums import LoggingMode, ModelType
-from nnh.history import History
-from nnh.logs import make_logger
-from nnh.metric_objects import as_handler_metric
-from nnh.persistence import capture_rng, restore_rng
-from nnh.saving import (
+from nnh.distributed.ddp import ShardCounter, real_samples, trim_batch
+from nnh.handler import validation as check
+from nnh.handler.autosaver import AutoSaver
+from nnh.handler.data import build_loader, fast_loader, move_to_device
+from nnh.handler.ensemble import Ensemble, check_ensemble_size, gather_member_predictions
+from nnh.handler.enums import LoggingMode, ModelType
+from nnh.handler.history import History
+from nnh.handler.logs import make_logger
+from nnh.handler.metric_objects import as_handler_metric
+from nnh.handler.persistence import capture_rng, restore_rng
+from nnh.handler.saving import (
     NonFiniteStateError,
     check_resume_batch_size,
     raise_save_failures,
@@ -58,7 +58,7 @@ from nnh.saving import (
     wait_for_saves,
     write_checkpoint,
 )
-from nnh.training import epoch_means, run_train_epoch, run_val_epoch
+from nnh.handler.training import epoch_means, run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
 
@@ -308,7 +308,7 @@ class NNHandler:
 
     @property
     def member_history(self) -> Any:
-        """Per-member epoch means of an ensemble (:class:`nnh.ensemble.MemberHistory`), else None."""
+        """Per-member epoch means of an ensemble (:class:`nnh.handler.ensemble.MemberHistory`), else None."""
         return None if self._ensemble is None else self._ensemble.history
 
     def member(self, index: int) -> nn.Module:
@@ -1266,7 +1266,7 @@ class NNHandler:
         only with ``trust_model_code=True`` (when the class can no longer be imported).
         In DDP every rank loads onto its own device. The file is treated as data from a
         stranger: checksums are verified, every section's shape and every class or
-        function it names are checked before anything is called (:mod:`nnh.loading`);
+        function it names are checked before anything is called (:mod:`nnh.handler.loading`);
         with ``strict_load=False`` missing or unexpected weights are listed in a warning.
 
         Example:
@@ -1281,7 +1281,7 @@ class NNHandler:
             >>> torch.equal(g.module.weight, h.module.weight), len(g.optimizer.state)
             (True, 0)
         """
-        from nnh.loading import load_handler
+        from nnh.handler.loading import load_handler
 
         return load_handler(
             cls,
@@ -1443,7 +1443,7 @@ class NNHandler:
         check.check_predict_data(data_loader)
         if not isinstance(data_loader, DataLoader):
             data_loader = DataLoader(data_loader, batch_size=64)
-        from nnh.ddp import gather_predictions, sharded_eval_loader
+        from nnh.distributed.ddp import gather_predictions, sharded_eval_loader
 
         data_loader = sharded_eval_loader(data_loader, self._dist)
         shard = ShardCounter(real_samples(data_loader))
@@ -1504,7 +1504,7 @@ class NNHandler:
         """Use ``sampler_class(**sampler_kwargs)`` (a :class:`nnh.Sampler`) for ``get_samples``.
 
         Example:
-            >>> from nnh.sampler import Sampler
+            >>> from nnh.generative.sampler import Sampler
             >>> class Zeros(Sampler):
             ...     def sample(self, N, device=None):
             ...         return torch.zeros(N, 2)
@@ -1524,7 +1524,7 @@ class NNHandler:
         """``N`` samples from the custom sampler (rank 0; ``None`` on other ranks).
 
         Example:
-            >>> from nnh.sampler import Sampler
+            >>> from nnh.generative.sampler import Sampler
             >>> class Ones(Sampler):
             ...     def sample(self, N, device=None):
             ...         return torch.ones(N)
@@ -1536,7 +1536,7 @@ class NNHandler:
             raise RuntimeError("no sampler: call set_sampler(SamplerClass, **kwargs) first")
         if not self._dist.is_main:
             return None
-        from nnh.generation import rank_local
+        from nnh.handler.generation import rank_local
 
         with rank_local():  # a sampler calling self.sample on rank 0 alone must not wait for peers
             return self._sampler.sample(N, device=device if device is not None else self._device)
@@ -1598,7 +1598,7 @@ class NNHandler:
         ``"RK4"``). ``time_grid``: ``"uniform"`` or ``"edm"``; ``denoise``: a final Tweedie
         step. Noise comes from the global generator (seed it with ``handler.seed``). Under
         DDP every rank must call it: the ``shape[0]`` samples are split across ranks and
-        rank 0 returns all of them, the others ``None``. See :mod:`nnh.generation`.
+        rank 0 returns all of them, the others ``None``. See :mod:`nnh.handler.generation`.
 
         Example:
             >>> from nnh.generative import VPSDE
@@ -1614,7 +1614,7 @@ class NNHandler:
             >>> h.sample((5, 2), steps=10, bar=False, method="ode", time_grid="edm").shape
             torch.Size([5, 2])
         """
-        from nnh.generation import handler_sample
+        from nnh.handler.generation import handler_sample
 
         return handler_sample(
             self,
@@ -1662,7 +1662,7 @@ class NNHandler:
         ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to ``sde.epsilon``/``sde.T``.
         ``verbose`` (score_models' keyword) overrides ``pbar``. Memory does not grow with
         ``ode_steps``; ``differentiable=True`` keeps the graph (use ``apply_ema=False``).
-        See :mod:`nnh.generation`.
+        See :mod:`nnh.handler.generation`.
 
         Example:
             >>> from nnh.generative import VPSDE
@@ -1676,7 +1676,7 @@ class NNHandler:
             >>> h.log_likelihood(torch.zeros(3, 2), ode_steps=4, method="Heun").shape
             torch.Size([3])
         """
-        from nnh.generation import handler_log_likelihood
+        from nnh.handler.generation import handler_log_likelihood
 
         return handler_log_likelihood(
             self,
@@ -1739,7 +1739,7 @@ class NNHandler:
         """
         if not self._dist.is_main:
             return None
-        from nnh.plotting import plot_losses
+        from nnh.handler.plotting import plot_losses
 
         return plot_losses(self._history, log_y_scale=log_y_scale, save_path=save_path)
 
@@ -1758,7 +1758,7 @@ class NNHandler:
         """
         if not self._dist.is_main:
             return None
-        from nnh.plotting import plot_metrics
+        from nnh.handler.plotting import plot_metrics
 
         return plot_metrics(
             self._history, log_y_scale=log_y_scale, save_path_prefix=save_path_prefix
@@ -1772,7 +1772,7 @@ class NNHandler:
             >>> "Linear" in h.print()
             True
         """
-        from nnh.summary import summarize
+        from nnh.handler.summary import summarize
 
         return summarize(self, show_model_structure=show_model_structure)
 

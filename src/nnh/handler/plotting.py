@@ -8,7 +8,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nnh.history import History
+from nnh.handler.history import History
 
 __all__ = ["plot_losses", "plot_metrics"]
 

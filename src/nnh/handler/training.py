@@ -21,11 +21,11 @@ from nnh.callbacks.base import CallbackList
 from nnh.core import TrainConfig, TrainState, end_epoch, eval_step, train_step
 from nnh.core.accumulate import EpochSums, add_to_sums, new_sums, sums_to_means
 from nnh.core.objectives import batch_size
-from nnh.data import move_to_device
-from nnh.ddp import ShardCounter, trim_batch
-from nnh.ensemble import trim_member_batch
-from nnh.metric_objects import begin_phase, end_phase
-from nnh.validation import check_samples_seen
+from nnh.distributed.ddp import ShardCounter, trim_batch
+from nnh.handler.data import move_to_device
+from nnh.handler.ensemble import trim_member_batch
+from nnh.handler.metric_objects import begin_phase, end_phase
+from nnh.handler.validation import check_samples_seen
 
 __all__ = ["EpochResult", "run_train_epoch", "run_val_epoch"]
 

@@ -1,4 +1,4 @@
-"""What a handler checkpoint holds (the save side; :mod:`nnh.loading` rebuilds a handler).
+"""What a handler checkpoint holds (the save side; :mod:`nnh.handler.loading` rebuilds a handler).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (it loads with
 ``torch.load(weights_only=True)``). Classes and functions are recorded by import path and
@@ -12,7 +12,7 @@ Layout (format version 2)::
     run          {id}                                    the run that wrote the file
     model        {class, kwargs, type, source?, frozen, keep_eval, compile}
     model_state_dict                     plain-module keys (an ensemble's: stacked [E, ...])
-    ensemble     {size, member_history} or None        a vectorised ensemble (nnh.ensemble)
+    ensemble     {size, member_history} or None        a vectorised ensemble (nnh.handler.ensemble)
     train_state  {counters, ema?, scaler?, grads?}      the core record (less params/opt)
     optimizer    {class, kwargs, state_dict}             torch's own optimizer state dict
     scheduler    {class, kwargs, state_dict}
