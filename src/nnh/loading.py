@@ -41,6 +41,7 @@ from nnh.checkpoint.callables import restore_callable
 from nnh.checkpoint.schema import check_handler_payload
 from nnh.checkpoint.trust import resolve_class_record
 from nnh.core.tree import flat_td
+from nnh.logs import logging_options
 from nnh.persistence import restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -231,6 +232,7 @@ def load_handler(
             device=torch.device(device) if device is not None else "cpu",
             model_type=model["type"],
             save_model_code=model.get("source") is not None,
+            **logging_options(payload.get("logging"), str(path)),
             **model["kwargs"],
         )
     finally:
@@ -388,9 +390,15 @@ def apply_payload(
         h._loss_scaler_config = LossScaler(**(payload.get("loss_scaler") or {}))
     h._seed = payload.get("seed")
     h._last_train_kwargs = payload.get("last_train_kwargs")
+    resume = payload.get("resume")
+    h._target_epoch = payload.get("target_epoch") or (resume or {}).get("target_epoch") or 0
     run = payload.get("run")
     if run:
         h._run_id = run["id"]  # a loaded handler continues the run of its file
+    if not skip_history and h._history.train_losses:
+        with _section(path, "run.resumed_at"):
+            earlier = [int(e) for e in (run or {}).get("resumed_at") or []]
+            h._history.resumed_at = [*earlier, len(h._history.train_losses)]
     with _section(path, "train_state"):
         _restore_train_state(
             h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer
@@ -401,7 +409,6 @@ def apply_payload(
             h.compile_model(**compile_kwargs)
     with _section(path, "rng"):
         restore_rng(payload["rng"])
-    resume = payload.get("resume")
     h._resume = None if resume is None else {**resume, "source": path}
     for message in resolved.messages:
         _report(h, message)
