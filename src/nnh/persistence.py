@@ -69,9 +69,7 @@ DATASET_EMBED_LIMIT = 256 * 2**20
 
 
 # ----------------------------------------------------------------------------- helpers
-def _path_or_none(
-    obj: Any, what: str, warn: bool = True, h: NNHandler | None = None
-) -> str | None:
+def _path_or_none(obj: Any, what: str, warn: bool = True, h: NNHandler | None = None) -> str | None:
     """The import path of ``obj``; warns (once per object and handler when ``h`` is given,
     so automatic saves do not repeat it) when it is only loadable from this script or not
     at all."""
@@ -229,9 +227,7 @@ def handler_payload(
             "module level in an importable module, or construct the handler with save_model_code=True"
         )
     names = {id(m): n for n, m in module.named_modules()}
-    payload: dict[str, Any] = {
-        "run": {"id": h._run_id, "resumed_at": list(h._history.resumed_at)}
-    }
+    payload: dict[str, Any] = {"run": {"id": h._run_id, "resumed_at": list(h._history.resumed_at)}}
     payload["model"] = {
         "class": model_path or f"{model_class.__module__}.{model_class.__qualname__}",
         "kwargs": _plain_kwargs(h._model_kwargs, f"model {model_class.__name__}"),
