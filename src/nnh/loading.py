@@ -225,6 +225,8 @@ def load_handler(
     model = payload["model"]
     weights = strip_wrapper_prefixes(payload["model_state_dict"])
     payload["model_state_dict"] = weights
+    with _section(str(path), "logging"):
+        log_options = logging_options(payload.get("logging"), str(path))
     token = _CHECKPOINT_TENSORS.set(frozenset(weights))
     try:
         handler = handler_class(
@@ -232,7 +234,7 @@ def load_handler(
             device=torch.device(device) if device is not None else "cpu",
             model_type=model["type"],
             save_model_code=model.get("source") is not None,
-            **logging_options(payload.get("logging"), str(path)),
+            **log_options,
             **model["kwargs"],
         )
     finally:
