@@ -2,7 +2,8 @@
 
     python resume_script.py MODE OUT [CKPT_OR_DIR] [--slow SECONDS]
 
-MODE: straight | first | second | autosave | stepsave | stepsave_async | resume_step
+MODE: straight | first | second | autosave | stepsave | stepsave_async | resume_step |
+      resume_epoch
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def main() -> None:
     elif a.mode == "resume_step":
         h = NNHandler.load(a.ckpt)
         assert h.remaining_epochs >= 1
+        h.resume_training()
+    elif a.mode == "resume_epoch":  # an epoch checkpoint written inside train(4)
+        h = NNHandler.load(a.ckpt)
+        assert h.remaining_epochs == 4 - h.state.epoch, h.remaining_epochs
         h.resume_training()
     else:
         raise SystemExit(f"unknown mode {a.mode}")

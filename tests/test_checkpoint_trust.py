@@ -405,6 +405,12 @@ def test_loss_objects_survive_save_and_load_and_train(tmp_path, name):
         (lambda p: p.update(history={"train_losses": 5}), "history"),
         (lambda p: p["callbacks"].append({"class": "nnh.callbacks.EpochTimer",
                                           "config": {"bogus": 1}, "state": {}}), "callbacks[0]"),
+        (lambda p: p.update(logging={"mode": "telepathy", "filename": "x.log", "level": 20}),
+         "logging"),
+        (lambda p: p.update(logging={"mode": "file", "filename": "x.log", "level": "loud"}),
+         "logging"),
+        (lambda p: p.update(target_epoch="ten"), "target_epoch"),
+        (lambda p: p["run"].update(resumed_at=["x"]), "run.resumed_at"),
     ],
 )
 def test_damaged_sections_are_named(tmp_path, edit, section):

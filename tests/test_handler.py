@@ -343,5 +343,5 @@ def test_fp16_autocast_with_loss_scaler_trains_and_the_scaler_survives_a_checkpo
     g = NNHandler.load(str(tmp_path / "fp16.pth"))
     assert torch.equal(g.state.scaler["scale"], h.state.scaler["scale"])
     assert torch.equal(g.state.scaler["growth_tracker"], h.state.scaler["growth_tracker"])
-    h.train(epochs=1, progress_bar=False)  # AMP off again: the scaler is dropped
+    h.train(epochs=1, use_amp=False, progress_bar=False)  # AMP off: the scaler is dropped
     assert h.state.scaler is None

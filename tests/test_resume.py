@@ -100,6 +100,15 @@ def test_interrupted_run_resumes_from_autosaver_epoch_checkpoint(straight, tmp_p
     compare_runs(straight, out)
 
 
+def test_resume_training_from_an_epoch_checkpoint_of_a_longer_call_is_bitwise(straight, tmp_path):
+    """ep2.pth was written after epoch 2 of train(4): a new process loads it, sees 2 epochs
+    remaining and resume_training() finishes the call with its options, bitwise."""
+    run("autosave", str(tmp_path / "full.pth"), str(tmp_path))
+    out = tmp_path / "final.pth"
+    run("resume_epoch", str(out), str(tmp_path / "ep2.pth"))
+    compare_runs(straight, out)
+
+
 def test_kill_9_mid_epoch_resumes_bitwise_from_step_checkpoint(straight, tmp_path):
     marker = tmp_path / "marker"
     proc = start("stepsave", str(tmp_path / "never.pth"), str(tmp_path), "--slow", "0.2", "--marker", str(marker))

@@ -6,13 +6,13 @@ import csv
 import io
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nnh.callbacks.base import Callback
+from nnh.checkpoint.atomic import claim_temp_file
 
 __all__ = ["CSVLogger"]
 
@@ -104,9 +104,7 @@ class CSVLogger(Callback):
         for row in rows:
             writer.writerow(list(row) + [""] * (len(columns) - len(row)))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-        )
+        tmp, fd = claim_temp_file(self.path)  # mode 0o666 & ~umask, like open()
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
                 f.write(buf.getvalue())

@@ -36,6 +36,7 @@ __all__ = [
     "atomic_save",
     "atomic_write_bytes",
     "atomic_write_text",
+    "claim_temp_file",
     "cleanup_stale_temps",
     "list_temp_files",
     "replace_previous",
@@ -70,8 +71,18 @@ def _prepare_destination(final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _claim_temp(final: Path) -> tuple[Path, int]:
-    """Create a new, uniquely named empty file next to ``final``; return it and an open fd."""
+def claim_temp_file(final: Path) -> tuple[Path, int]:
+    """Create a new, uniquely named empty file next to ``final``; return it and an open fd.
+
+    Its mode is ``0o666`` less the umask, as for ``open()`` (``tempfile.mkstemp`` would
+    give 0600), so the file renamed over ``final`` has the permissions users expect.
+
+    Example:
+        >>> import tempfile
+        >>> tmp, fd = claim_temp_file(Path(tempfile.mkdtemp()) / "x.csv"); os.close(fd)
+        >>> tmp.exists()
+        True
+    """
     flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
     for _ in range(16):
         tmp = final.parent / _temp_name(final)
@@ -187,7 +198,7 @@ def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: b
     """
     final = Path(path)
     _prepare_destination(final)
-    tmp, fd = _claim_temp(final)
+    tmp, fd = claim_temp_file(final)
     retired: Path | None = None
     try:
         try:

@@ -118,6 +118,12 @@ _SECTIONS: dict[str, tuple[bool, Check, str]] = {
     "sde": (False, _component, "a dict with 'class' and 'config'"),
     "sampler": (False, _component, "a dict with 'class' and 'config'"),
     "last_train_kwargs": (False, _optional(_dict), "a dict or None"),
+    "target_epoch": (False, _optional(_int), "an int or None"),
+    "logging": (
+        False,
+        _optional(_record(mode=_name, filename=_name, level=_int)),
+        "a dict with 'mode' and 'filename' (str or None) and 'level' (int)",
+    ),
     "resume": (
         False,
         _optional(

@@ -14,6 +14,18 @@ class MetricError(RuntimeError):
     """A registered metric function raised or returned something that is not a number."""
 
 
+def _weighted(value: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """``value * num_samples`` in float64, multiplied in the value's own precision first.
+
+    A float32 batch mean ``k / n`` times ``n`` rounds back to exactly ``k`` in float32, so
+    accuracy-like sums stay exact integers and ``195 / 200`` logs as ``0.975`` rather than
+    ``0.97500002`` (what float32's ``0.975`` is in float64). No host sync.
+    """
+    if value.dtype in (torch.float16, torch.bfloat16):
+        value = value.float()
+    return (value * num_samples).double()
+
+
 def metric_sums(
     metrics: Mapping[str, Callable[[Any, Any], Any]], output: Any, target: Any, num_samples: int
 ) -> dict[str, torch.Tensor | float]:
@@ -24,6 +36,9 @@ def metric_sums(
         >>> sums = metric_sums({"acc": acc}, torch.eye(2), torch.tensor([0, 0]), 2)
         >>> float(sums["acc"])
         1.0
+        >>> mean = torch.tensor(195 / 200, dtype=torch.float32)   # a float32 accuracy
+        >>> float(metric_sums({"acc": lambda o, t: mean}, None, None, 200)["acc"]) / 200
+        0.975
     """
     out: dict[str, torch.Tensor | float] = {}
     with torch.no_grad():
@@ -40,7 +55,7 @@ def metric_sums(
                         f"metric {name!r} returned a tensor of shape {tuple(value.shape)}; "
                         "return a number or a 0-d tensor (the batch mean)"
                     )
-                out[name] = value.detach().reshape(()).double() * num_samples
+                out[name] = _weighted(value.detach().reshape(()), num_samples)
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[name] = float(value) * num_samples
             else:

@@ -27,6 +27,9 @@ class History:
     val_losses: list[float] = attrs.field(factory=list)
     train_metrics: dict[str, list[float]] = attrs.field(factory=dict)
     val_metrics: dict[str, list[float]] = attrs.field(factory=dict)
+    # epochs after which a loaded checkpoint continued (plots mark them); not part of
+    # state_dict, so a resumed run's history equals the uninterrupted one's
+    resumed_at: list[int] = attrs.field(factory=list)
 
     def append(
         self,
@@ -44,7 +47,7 @@ class History:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain lists and dicts (checkpoint-safe)."""
-        return attrs.asdict(self)
+        return attrs.asdict(self, filter=lambda a, _: a.name != "resumed_at")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""

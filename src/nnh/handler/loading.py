@@ -41,6 +41,7 @@ from nnh.checkpoint.callables import restore_callable
 from nnh.checkpoint.schema import check_handler_payload
 from nnh.checkpoint.trust import resolve_class_record
 from nnh.core.tree import flat_td
+from nnh.handler.logs import logging_options
 from nnh.handler.persistence import restore_rng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -224,6 +225,8 @@ def load_handler(
     model = payload["model"]
     weights = strip_wrapper_prefixes(payload["model_state_dict"])
     payload["model_state_dict"] = weights
+    with _section(str(path), "logging"):
+        log_options = logging_options(payload.get("logging"), str(path))
     token = _CHECKPOINT_TENSORS.set(frozenset(weights))
     ensemble = payload.get("ensemble")
     try:
@@ -233,6 +236,7 @@ def load_handler(
             model_type=model["type"],
             save_model_code=model.get("source") is not None,
             ensemble_size=None if ensemble is None else ensemble["size"],
+            **log_options,
             **model["kwargs"],
         )
     finally:
@@ -392,9 +396,15 @@ def apply_payload(
         h._loss_scaler_config = LossScaler(**(payload.get("loss_scaler") or {}))
     h._seed = payload.get("seed")
     h._last_train_kwargs = payload.get("last_train_kwargs")
+    resume = payload.get("resume")
+    h._target_epoch = payload.get("target_epoch") or (resume or {}).get("target_epoch") or 0
     run = payload.get("run")
     if run:
         h._run_id = run["id"]  # a loaded handler continues the run of its file
+    if not skip_history and h._history.train_losses:
+        with _section(path, "run.resumed_at"):
+            earlier = [int(e) for e in (run or {}).get("resumed_at") or []]
+            h._history.resumed_at = [*earlier, len(h._history.train_losses)]
     with _section(path, "train_state"):
         _restore_train_state(
             h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer
@@ -405,7 +415,6 @@ def apply_payload(
             h.compile_model(**compile_kwargs)
     with _section(path, "rng"):
         restore_rng(payload["rng"])
-    resume = payload.get("resume")
     h._resume = None if resume is None else {**resume, "source": path}
     for message in resolved.messages:
         _report(h, message)

@@ -13,7 +13,6 @@ import contextvars
 import inspect
 import logging
 import math
-import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +43,7 @@ from nnh.distributed.ddp import ShardCounter, real_samples, trim_batch
 from nnh.handler import validation as check
 from nnh.handler.autosaver import AutoSaver
 from nnh.handler.data import build_loader, fast_loader, move_to_device
+from nnh.handler.devices import check_device
 from nnh.handler.ensemble import Ensemble, check_ensemble_size, gather_member_predictions
 from nnh.handler.enums import LoggingMode, ModelType
 from nnh.handler.history import History
@@ -58,6 +58,8 @@ from nnh.handler.saving import (
     wait_for_saves,
     write_checkpoint,
 )
+from nnh.handler.seeding import check_seed, model_kwargs_with_seed, seed_everything
+from nnh.handler.train_options import remembers_train_options
 from nnh.handler.training import epoch_means, run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
@@ -118,12 +120,15 @@ class NNHandler:
         use_distributed: bool | None = None,
         dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
         ensemble_size: int | None = None,
+        seed: int | None = None,
         **model_kwargs: Any,
     ):
         _check_model_kwargs(model_class, model_kwargs)
         size = check_ensemble_size(ensemble_size)
         self._ensemble = None if size is None else Ensemble(size)
-        self._dist, self._device = setup_distributed(use_distributed, device, dist_timeout)
+        self._dist, self._device = setup_distributed(
+            use_distributed, check_device(device), dist_timeout
+        )
         self._logger = make_logger(
             logger_mode, logger_filename, logger_level, is_main=self._dist.is_main
         )
@@ -135,6 +140,8 @@ class NNHandler:
             "level": logger_level,
         }
         self._seed: int | None = None
+        if check_seed(seed) is not None:
+            self.seed = seed  # before the model is built: seeds its initial weights
         self._model_type = ModelType.from_string(model_type)
         self._module: nn.Module | None = None
         self._model: nn.Module | None = None
@@ -169,7 +176,10 @@ class NNHandler:
         self._saves: BackgroundWriter | None = None
         self.stop_training = False
         self.set_model(
-            model_class, save_model_code=save_model_code, model_type=None, **model_kwargs
+            model_class,
+            save_model_code=save_model_code,
+            model_type=None,
+            **model_kwargs_with_seed(model_class, seed, model_kwargs),
         )
         self._log(
             f"NNHandler ready: {model_class.__name__} on {self._device} "
@@ -201,21 +211,22 @@ class NNHandler:
 
     @seed.setter
     def seed(self, value: int | None) -> None:
-        if value is None:
-            self._seed = None
-            return
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"seed must be an int or None, got {type(value).__name__}")
-        self._seed = value
-        torch.manual_seed(value)
-        random.seed(value)
-        if torch.cuda.is_available():
-            torch.cuda.manual_seed_all(value)
+        self._seed = check_seed(value)
+        if value is not None:
+            seed_everything(value)
 
     @property
     def logger(self) -> logging.Logger | None:
-        """The logger (``None`` when logging is off or on non-zero ranks)."""
+        """The logger (``None`` when logging is off or on non-zero ranks); settable to any
+        ``logging.Logger`` or ``None`` (a logger set so is not recorded in checkpoints)."""
         return self._logger
+
+    @logger.setter
+    def logger(self, value: logging.Logger | None) -> None:
+        if value is not None and not isinstance(value, logging.Logger):
+            raise TypeError(f"logger must be a logging.Logger or None, got {type(value).__name__}")
+        self._logger = value
+        self._logger_config = {"mode": None, "filename": None, "level": logging.INFO}
 
     @property
     def model(self) -> nn.Module | None:
@@ -768,7 +779,10 @@ class NNHandler:
                 state, ema=flat_td({k: v.detach().clone() for k, v in state.params.items()})
             )
         elif not ema and state.ema is not None:
-            self._log("ema_decay=0: EMA weights dropped for this run")
+            self._warn(
+                "train(ema_decay=0) discards the EMA weights this handler holds; pass "
+                "ema_decay=<the previous decay> (or leave it out) to keep them"
+            )
             state = attrs.evolve(state, ema=None)
         if scaler and state.scaler is None:
             from nnh.core import init_scaler_state
@@ -826,6 +840,7 @@ class NNHandler:
         for m in self._keep_eval:
             m.eval()
 
+    @remembers_train_options
     def train(
         self,
         epochs: int,
@@ -841,6 +856,9 @@ class NNHandler:
         epoch_train_and_val_pbar: bool = False,
     ) -> None:
         """Train for ``epochs`` more epochs (calling again continues: epochs and history add up).
+
+        Options not passed continue as in the last ``train()`` call, also on a handler loaded
+        from a checkpoint (:mod:`nnh.handler.train_options`); the defaults below apply to the first.
 
         Args:
             epochs: epochs to run in this call.
@@ -936,6 +954,7 @@ class NNHandler:
                     )
                 if self._dist.any_true(self.stop_training, self._device):
                     self.stop_training = True
+                    self._target_epoch = epoch  # the call is complete: nothing left to resume
                     self._log(f"training stopped by a callback after epoch {epoch}")
                     if i != epochs - 1:
                         self._auto_saver_final(logs, save_on_last_epoch)
@@ -1220,31 +1239,32 @@ class NNHandler:
 
     @property
     def remaining_epochs(self) -> int:
-        """Epochs left of the ``train()`` call a step checkpoint interrupted (0 otherwise)."""
-        if self._resume is None or self._state is None:
+        """Epochs left of the ``train()`` call that was under way when this handler's state
+        was saved: an automatic checkpoint (epoch or step) written inside ``train(10)`` at
+        epoch 5 has 5 left; 0 when that call had finished."""
+        if self._state is None:
             return 0
-        return max(int(self._resume.get("target_epoch", 0)) - self._state.epoch, 0)
+        return max(int(self._target_epoch) - self._state.epoch, 0)
 
     def resume_training(self, **overrides: Any) -> None:
-        """Continue an interrupted ``train()`` from a step checkpoint, with its options.
+        """Finish the ``train()`` call an automatic checkpoint was written in, with its options.
 
-        ``NNHandler.load(step_checkpoint).resume_training()`` ends bitwise equal to the run
-        that was interrupted (CPU; same data and code).
+        ``NNHandler.load(checkpoint).resume_training()`` runs the :attr:`remaining_epochs`
+        and ends bitwise equal to the uninterrupted run (CPU; same data and code), from an
+        epoch checkpoint or a mid-epoch step checkpoint alike.
 
         Example:
             >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
             >>> h.resume_training()
             Traceback (most recent call last):
                 ...
-            RuntimeError: this handler was not loaded from a mid-epoch (step) checkpoint; call train()
+            RuntimeError: no train() call is left unfinished (remaining_epochs is 0): call train(epochs)
         """
-        if self._resume is None:
+        if self.remaining_epochs == 0:
             raise RuntimeError(
-                "this handler was not loaded from a mid-epoch (step) checkpoint; call train()"
+                "no train() call is left unfinished (remaining_epochs is 0): call train(epochs)"
             )
-        kwargs = dict(self._last_train_kwargs or {})
-        kwargs.update(overrides)
-        self.train(epochs=self.remaining_epochs, **kwargs)
+        self.train(epochs=self.remaining_epochs, **overrides)
 
     @classmethod
     def load(
@@ -1765,7 +1785,10 @@ class NNHandler:
         )
 
     def print(self, show_model_structure: bool = False) -> str:
-        """A summary of the handler's configuration and progress.
+        """A summary of the handler's configuration and progress, **returned** as text (it
+        does not print; ``print(handler.print())`` shows it): model, parameters, optimizer,
+        scheduler, loss, metrics, callbacks, data, progress, and the last epoch's training
+        and validation loss and metrics.
 
         Example:
             >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")

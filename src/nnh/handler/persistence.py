@@ -20,6 +20,8 @@ Layout (format version 2)::
     metrics      {name: callable record or None}         (nnh.checkpoint.callables)
     callbacks    [{class, config, state}]
     history, auto_saver, seed, rng, loss_scaler
+    last_train_kwargs, target_epoch       the options and end epoch of the train() call
+    logging      {mode, filename, level}                 the logger configuration
     data         {train|val: {dataset?, loader_kwargs, generator_state?}}
     sde, sampler                         {class, config}
     resume       mid-epoch position (step checkpoints only)
@@ -68,25 +70,31 @@ DATASET_EMBED_LIMIT = 256 * 2**20
 
 
 # ----------------------------------------------------------------------------- helpers
-def _path_or_none(obj: Any, what: str, warn: bool = True) -> str | None:
+def _path_or_none(obj: Any, what: str, warn: bool = True, h: NNHandler | None = None) -> str | None:
+    """The import path of ``obj``; warns (once per object and handler when ``h`` is given,
+    so automatic saves do not repeat it) when it is only loadable from this script or not
+    at all."""
+
+    def say(message: str) -> None:
+        if h is not None:
+            _warn_once(h, obj, message)
+        else:
+            warnings.warn(message, stacklevel=5)
+
     ok, reason = is_importable(obj)
     if ok:
         return import_path(obj)
     qualname = getattr(obj, "__qualname__", "")
     if getattr(obj, "__module__", None) == "__main__" and "<" not in qualname:
         if warn:
-            warnings.warn(
+            say(
                 f"{what} is defined in the script being run (__main__.{qualname}): the checkpoint "
                 "loads from that same script only; move it into an importable module to load it "
-                "anywhere",
-                stacklevel=4,
+                "anywhere"
             )
         return f"__main__.{qualname}"
     if warn:
-        warnings.warn(
-            f"{what} cannot be saved by import path ({reason}); after loading, set it again",
-            stacklevel=4,
-        )
+        say(f"{what} cannot be saved by import path ({reason}); after loading, set it again")
     return None
 
 
@@ -213,14 +221,14 @@ def handler_payload(
     h = handler
     module = h.module
     model_class = type(module) if h._ensemble is None else module.member_class
-    model_path = _path_or_none(model_class, f"model class {model_class.__name__}")
+    model_path = _path_or_none(model_class, f"model class {model_class.__name__}", h=h)
     if model_path is None and not h._save_model_code:
         raise CheckpointError(
             f"the model class {model_class.__qualname__} cannot be recorded by import path; define it at "
             "module level in an importable module, or construct the handler with save_model_code=True"
         )
     names = {id(m): n for n, m in module.named_modules()}
-    payload: dict[str, Any] = {"run": {"id": h._run_id}}
+    payload: dict[str, Any] = {"run": {"id": h._run_id, "resumed_at": list(h._history.resumed_at)}}
     payload["model"] = {
         "class": model_path or f"{model_class.__module__}.{model_class.__qualname__}",
         "kwargs": _plain_kwargs(h._model_kwargs, f"model {model_class.__name__}"),
@@ -254,7 +262,7 @@ def handler_payload(
     if h._scheduler is not None and h._scheduler_spec is not None:
         cls, kwargs = h._scheduler_spec
         payload["scheduler"] = {
-            "class": _path_or_none(cls, f"scheduler {cls.__name__}"),
+            "class": _path_or_none(cls, f"scheduler {cls.__name__}", h=h),
             "kwargs": {k: v for k, v in kwargs.items() if _plain(v)},
             "state_dict": {k: v for k, v in h._scheduler.state_dict().items() if _plain(v)},
         }
@@ -271,7 +279,7 @@ def handler_payload(
     payload["metrics"] = {
         name: _callable_or_none(h, fn, f"metric {name!r}") for name, fn in h._metrics.items()
     }
-    payload["callbacks"] = [_callback_record(cb) for cb in h._callbacks]
+    payload["callbacks"] = [_callback_record(h, cb) for cb in h._callbacks]
     payload["history"] = h._history.state_dict()
     payload["auto_saver"] = h._auto_saver.state_dict()
     payload["seed"] = h._seed
@@ -283,9 +291,11 @@ def handler_payload(
         ),
         "val": _dataset_record(h._val_loader, h._loader_kwargs.get("val", {}), include_datasets),
     }
-    payload["sde"] = _component_record(h._sde, "SDE")
-    payload["sampler"] = _component_record(h._sampler, "sampler")
+    payload["sde"] = _component_record(h, h._sde, "SDE")
+    payload["sampler"] = _component_record(h, h._sampler, "sampler")
     payload["last_train_kwargs"] = dict(h._last_train_kwargs) if h._last_train_kwargs else None
+    payload["target_epoch"] = int(h._target_epoch)  # the epoch the train() under way ends at
+    payload["logging"] = dict(h._logger_config)
     payload["resume"] = resume
     return payload
 
@@ -303,37 +313,39 @@ def _named_groups(kwargs: dict[str, Any], module: nn.Module) -> dict[str, Any]:
     return {**kwargs, "params": groups}
 
 
-def _callback_record(cb: Any) -> dict[str, Any]:
+def _callback_record(h: NNHandler, cb: Any) -> dict[str, Any]:
     config = cb.config()
     plain = {k: v for k, v in config.items() if _plain(v)}
     dropped = sorted(set(config) - set(plain))
     if dropped:
-        warnings.warn(
+        _warn_once(
+            h,
+            cb,
             f"callback {type(cb).__name__}: options {dropped} are not plain values and are not saved",
-            stacklevel=4,
         )
     return {
-        "class": _path_or_none(type(cb), f"callback {type(cb).__name__}"),
+        "class": _path_or_none(type(cb), f"callback {type(cb).__name__}", h=h),
         "config": plain,
         "state": cb.state_dict(),
     }
 
 
-def _component_record(obj: Any, what: str) -> dict[str, Any] | None:
+def _component_record(h: NNHandler, obj: Any, what: str) -> dict[str, Any] | None:
     if obj is None:
         return None
     config = obj.config() if hasattr(obj, "config") else {}
     plain = {k: v for k, v in config.items() if _plain(v)}
     dropped = sorted(set(config) - set(plain))
     if dropped:
-        warnings.warn(
+        _warn_once(
+            h,
+            obj,
             f"{what} {type(obj).__name__}: options {dropped} are not plain values and are not saved; "
             "loading rebuilds it without them",
-            stacklevel=4,
         )
     state = obj.state_dict() if hasattr(obj, "state_dict") else None
     return {
-        "class": _path_or_none(type(obj), f"{what} {type(obj).__name__}"),
+        "class": _path_or_none(type(obj), f"{what} {type(obj).__name__}", h=h),
         "config": plain,
         "state": state,
     }

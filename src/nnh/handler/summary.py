@@ -20,7 +20,8 @@ def _name(obj: object) -> str:
 
 
 def summarize(handler: NNHandler, *, show_model_structure: bool = False) -> str:
-    """A multi-line summary of a handler's configuration and progress."""
+    """A multi-line summary of a handler's configuration and progress (the last epoch's
+    training and validation loss and metrics included); returned, not printed."""
     h = handler
     lines = ["NNHandler", "=" * 60]
     lines.append(f"model          : {type(h.module).__name__} ({h.model_type.value})")
@@ -74,7 +75,11 @@ def summarize(handler: NNHandler, *, show_model_structure: bool = False) -> str:
             + ("" if math.isnan(val) else f", val_loss {val:.6g}")
         )
         for name, series in history.train_metrics.items():
-            lines.append(f"  {name:<13}: {series[-1]:.6g}")
+            val_series = history.val_metrics.get(name) or [math.nan]
+            lines.append(
+                f"  {name:<13}: {series[-1]:.6g}"
+                + ("" if math.isnan(val_series[-1]) else f", val_{name} {val_series[-1]:.6g}")
+            )
     if show_model_structure:
         lines.append("-" * 60)
         lines.append(str(h.module))
