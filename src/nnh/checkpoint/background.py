@@ -47,46 +47,78 @@ __all__ = ["BackgroundWriter", "SaveHandle", "snapshot"]
 PathLike = str | os.PathLike[str]
 
 
-def _copy_tensor(t: torch.Tensor, pending: list[torch.cuda.Event]) -> torch.Tensor:
-    t = t.detach()
-    if t.device.type == "cuda":
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)
-        if not pending:
-            pending.append(torch.cuda.Event())
-        return host
-    if t.device.type != "cpu":
-        return t.to("cpu")
-    return t.clone()
+BufferPool = dict[tuple[Any, ...], list[torch.Tensor]]
 
 
-def _copy_tree(obj: Any, pending: list[Any], skip: frozenset[str], top: bool) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return _copy_tensor(obj, pending)
-    if isinstance(obj, Mapping):
-        items = {
-            k: (v if top and k in skip else _copy_tree(v, pending, skip, False))
-            for k, v in obj.items()
-        }
-        if isinstance(obj, OrderedDict):  # a state_dict: keep its type and its _metadata
-            copied = OrderedDict(items)
-            if hasattr(obj, "_metadata"):
-                copied._metadata = obj._metadata  # type: ignore[attr-defined]
-            return copied
-        return items
-    if isinstance(obj, list):
-        return [_copy_tree(v, pending, skip, False) for v in obj]
-    if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
-        return tuple(_copy_tree(v, pending, skip, False) for v in obj)
-    return obj
+class _Copier:
+    """Copies the tensors of a payload, reusing the buffers of an earlier snapshot.
+
+    Fresh buffers of tens of megabytes cost page faults (pinned ones on CUDA cost far more);
+    a snapshot that has been written gives its buffers back through :meth:`buffers`.
+    """
+
+    def __init__(self, pool: BufferPool | None = None) -> None:
+        self.pool: BufferPool = pool if pool is not None else {}
+        self.created: list[torch.Tensor] = []
+        self.event: Any = None
+
+    def _buffer(self, t: torch.Tensor, pinned: bool) -> torch.Tensor:
+        spares = self.pool.get((tuple(t.shape), t.dtype, pinned))
+        if spares:
+            return spares.pop()
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if t.layout is not torch.strided or t.device.type not in ("cpu", "cuda"):
+            return t.to("cpu", copy=True)
+        cuda = t.device.type == "cuda"
+        out = self._buffer(t, pinned=cuda)
+        out.copy_(t, non_blocking=cuda)
+        if cuda and self.event is None:
+            self.event = torch.cuda.Event()
+        self.created.append(out)
+        return out
+
+    def tree(self, obj: Any, share: frozenset[str], top: bool) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, Mapping):
+            items = {
+                k: (v if top and k in share else self.tree(v, share, False)) for k, v in obj.items()
+            }
+            if isinstance(obj, OrderedDict):  # a state_dict: keep its type and its _metadata
+                copied = OrderedDict(items)
+                if hasattr(obj, "_metadata"):
+                    copied._metadata = obj._metadata  # type: ignore[attr-defined]
+                return copied
+            return items
+        if isinstance(obj, list):
+            return [self.tree(v, share, False) for v in obj]
+        if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
+            return tuple(self.tree(v, share, False) for v in obj)
+        return obj
+
+    def buffers(self) -> BufferPool:
+        """The buffers this copier made, keyed for reuse."""
+        pool: BufferPool = {}
+        for t in self.created:
+            pool.setdefault((tuple(t.shape), t.dtype, t.is_pinned()), []).append(t)
+        return pool
 
 
-def snapshot(payload: Mapping[str, Any], *, share: frozenset[str] = frozenset()) -> dict[str, Any]:
+def snapshot(
+    payload: Mapping[str, Any],
+    *,
+    share: frozenset[str] = frozenset(),
+    pool: BufferPool | None = None,
+) -> dict[str, Any]:
     """A copy of ``payload`` whose tensors no later in-place update can reach.
 
     Top-level sections named in ``share`` are kept by reference (e.g. embedded datasets,
     which training never modifies). CUDA tensors are copied into pinned host memory with
-    non-blocking copies; the copy is complete when this returns.
+    non-blocking copies; the copy is complete when this returns. Buffers in ``pool`` (from
+    a snapshot already written) are reused.
 
     Example:
         >>> w = torch.zeros(2)
@@ -94,12 +126,18 @@ def snapshot(payload: Mapping[str, Any], *, share: frozenset[str] = frozenset())
         >>> _ = w.add_(5); snap["w"].tolist(), snap["n"]
         ([0.0, 0.0], 3)
     """
-    pending: list[Any] = []
-    copied = _copy_tree(payload, pending, share, True)
-    if pending:  # one event after all the copies on the current stream
-        pending[0].record()
-        pending[0].synchronize()
-    return copied
+    return _snapshot(payload, share, pool)[0]
+
+
+def _snapshot(
+    payload: Mapping[str, Any], share: frozenset[str], pool: BufferPool | None
+) -> tuple[dict[str, Any], _Copier]:
+    copier = _Copier(pool)
+    copied = copier.tree(payload, share, True)
+    if copier.event is not None:  # one event after all the copies on the current stream
+        copier.event.record()
+        copier.event.synchronize()
+    return copied, copier
 
 
 class SaveHandle:
@@ -138,6 +176,7 @@ class SaveHandle:
 class _Job:
     def __init__(self, payload: dict[str, Any], path: Path, after: Callable[[Path], None] | None):
         self.payload, self.path, self.after = payload, path, after
+        self.copier: _Copier | None = None
         self.future: Future = Future()
         self.started = False
         self.handles: list[SaveHandle] = []
@@ -169,6 +208,7 @@ class BackgroundWriter:
         self._slots = threading.BoundedSemaphore(max_queued)
         self._write = write
         self._futures: list[Future] = []
+        self._spare: BufferPool = {}  # the buffers of the last written snapshot
 
     def _run(self, job: _Job) -> None:
         with self._lock:
@@ -199,7 +239,11 @@ class BackgroundWriter:
         else:
             job.future.set_result(job.path)
         finally:
-            job.payload = {}  # free the snapshot as soon as it is written
+            job.payload = {}
+            if job.copier is not None:  # its buffers serve the next snapshot
+                with self._lock:
+                    self._spare = job.copier.buffers()
+                job.copier = None
 
     def submit(
         self,
@@ -215,20 +259,30 @@ class BackgroundWriter:
         while ``max_queued`` snapshots already wait.
         """
         target = Path(path)
-        data = snapshot(payload, share=share)
+        with self._lock:
+            spare, self._spare = self._spare, {}
+        data, copier = _snapshot(payload, share, spare)
         with self._lock:
             older = self._queued.get(target)
             if older is not None and not older.started:  # supersede: write the newer state
-                older.payload, older.after = data, after
+                older.payload, older.after, older.copier = data, after, copier
                 return older.handle()
         self._slots.acquire()
         job = _Job(data, target, after)
+        job.copier = copier
         handle = job.handle()
         with self._lock:
             self._queued[target] = job
             self._futures = [f for f in self._futures if not f.done() or f.exception()]
             self._futures.append(job.future)
-        self._pool.submit(self._run, job)
+        try:
+            self._pool.submit(self._run, job)
+        except BaseException as err:  # e.g. submitting at interpreter exit: never hang a waiter
+            with self._lock:
+                self._queued.pop(target, None)
+            self._slots.release()
+            job.future.set_exception(err)
+            raise
         return handle
 
     def wait(self, timeout: float | None = None) -> list[BaseException]:

@@ -58,6 +58,14 @@ def _named_tensors(handler: NNHandler) -> list[tuple[str, torch.Tensor]]:
     return [(n, t) for n, t in out if t.is_floating_point() or t.is_complex()]
 
 
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.element_size() < 4:  # float16/bfloat16 would overflow at 65504 / sum in float32
+        return t.sum(dtype=torch.float32)
+    return t.sum()
+
+
 def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -> list[str]:
     """Names of the state's tensors (and mid-epoch sums) holding NaN or inf; empty when good.
 
@@ -73,12 +81,21 @@ def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -
         ...     _ = h.module.bias.fill_(float("nan"))
         >>> non_finite_state(h)
         ['model bias']
+        >>> with torch.no_grad():  # sums overflow, but every value is finite
+        ...     _ = h.module.bias.fill_(3e38); _ = h.module.weight.fill_(3e38)
+        >>> non_finite_state(h)
+        []
     """
     named = _named_tensors(handler)
     bad: list[str] = []
     if named:
-        finite = torch.stack([torch.isfinite(t).all().to("cpu") for _, t in named])
-        bad = [named[i][0] for i in (~finite).nonzero().flatten().tolist()]
+        # A sum is finite when every element is (one fast pass, no bool copy of the state);
+        # a non-finite sum may also be an overflow of large finite values, so those few
+        # tensors are confirmed element by element.
+        device = named[0][1].device  # one transfer (one sync) for the whole state
+        sums = torch.stack([_sum(t).float().to(device) for _, t in named]).cpu()
+        suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+        bad = [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
     if resume is not None:
         loss = resume.get("sums", {}).get("loss")
         # one running loss, or one per ensemble member
