@@ -502,3 +502,28 @@ def test_standard_library_names_are_refused_without_importing_them(tmp_path):
     with pytest.raises(CheckpointError, match="standard library") as info:
         NNHandler.load(str(path))
     assert info.value.kind == "untrusted" and "this" not in sys.modules
+
+
+def test_mid_epoch_resume_with_the_loaders_own_generator_is_bitwise(tmp_path):
+    """A train loader with its own ``generator=``: the step checkpoint replays its shuffle."""
+
+    def build() -> NNHandler:
+        torch.manual_seed(0)
+        h = NNHandler(MLP, dropout=0.0)
+        h.set_optimizer(torch.optim.Adam, lr=1e-2)
+        h.set_loss_fn(nn.functional.cross_entropy)
+        h.set_train_loader(classification_data(64), batch_size=8, shuffle=True,
+                           generator=torch.Generator().manual_seed(7))  # fmt: skip
+        return h
+
+    straight = build()
+    straight.train(2, progress_bar=False)
+    run = build()
+    run.auto_save(None, save_path=str(tmp_path), name="run", every_n_steps=3)
+    run.train(1, progress_bar=False)
+    run.train(1, progress_bar=False)
+    again = NNHandler.load(str(run.auto_saver.step_path()))
+    assert again._resume["epoch"] == 2 and again._resume["batch_offset"] == 6  # mid-epoch
+    again.resume_training()
+    for key, value in straight.module.state_dict().items():
+        assert torch.equal(again.module.state_dict()[key], value), key

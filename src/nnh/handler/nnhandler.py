@@ -993,10 +993,18 @@ class NNHandler:
         resume, self._resume = self._resume, None
         if resume is not None and resume.get("epoch") != epoch:
             resume = None
+        generator = getattr(self._train_loader, "generator", None)
+        if not isinstance(generator, torch.Generator):
+            generator = None
         if resume is not None:
             restore_rng(resume["epoch_start_rng"])
+            loader_rng = resume["epoch_start_rng"].get("loader")
+            if generator is not None and isinstance(loader_rng, torch.Tensor):
+                generator.set_state(loader_rng)  # the loader's own shuffle replays too
         if self._auto_saver.every_n_steps:
             self._epoch_start_rng = capture_rng()
+            if generator is not None:
+                self._epoch_start_rng["loader"] = generator.get_state()
         if resume is None:
             callbacks.call("on_epoch_begin", epoch, {})
         self._train_mode()
