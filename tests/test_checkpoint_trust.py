@@ -8,8 +8,8 @@ rules.
 
 from __future__ import annotations
 
-import copy
 import functools
+import math
 import os
 import random
 import re
@@ -387,7 +387,7 @@ def test_loss_objects_survive_save_and_load_and_train(tmp_path, name):
     out = again.module.eval()(x)
     assert torch.equal(restored(out, y), loss(out, y))
     again.train(1, progress_bar=False)  # the seed's "load and resume training" works
-    assert len(again.train_losses) == 1 and again.train_losses[0] == again.train_losses[0]
+    assert len(again.train_losses) == 1 and math.isfinite(again.train_losses[0])
 
 
 # ------------------------------------------------------------------ 9. clear errors
@@ -492,7 +492,7 @@ def test_hostile_files_do_not_change_a_good_file_loading(tmp_path):
     path = hostile(tmp_path, lambda p: None)
     h = NNHandler.load(str(path))
     h.train(1, progress_bar=False)
-    assert len(h.train_losses) == 2 and copy.copy(h) is not None
+    assert len(h.train_losses) == 2 and math.isfinite(h.train_losses[-1])
 
 
 def test_standard_library_names_are_refused_without_importing_them(tmp_path):

@@ -116,8 +116,9 @@ def write_checkpoint(
     or raises together.
 
     Raises :class:`NonFiniteStateError` (nothing written) when the state is not finite, and
-    :class:`CheckpointError` (kind ``"not_owned"``) when ``guard_replace`` and ``path`` is
-    a file this run did not write.
+    :class:`CheckpointError` (kind ``"not_owned"``) when ``guard_replace`` (settings read
+    from a checkpoint file) and ``path`` is a file this run did not write, or lies in a
+    folder the file chose (see :func:`_check_replace`).
     """
     _refuse_non_finite(handler, path, resume)
     dist = handler._dist
