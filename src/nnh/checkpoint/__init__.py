@@ -117,7 +117,9 @@ def save_checkpoint(
     ``payload`` must hold only what ``torch.load(weights_only=True)`` accepts (tensors,
     numbers, strings, lists, tuples, dicts, TensorDicts); keys of the header (``nnh_format``,
     ``versions``) and ``integrity`` are reserved and set here: the file is sealed with the
-    checksums that :func:`load_checkpoint` verifies.
+    checksums that :func:`load_checkpoint` verifies. Because those checksums cover the
+    whole file, the zip CRC-32 that :func:`torch.save` adds to every record is not computed
+    (:mod:`nnh.checkpoint.torch_file`); the file still loads with plain ``torch.load``.
 
     Example:
         >>> import tempfile, torch
@@ -128,4 +130,4 @@ def save_checkpoint(
     reserved = {FORMAT_KEY, VERSIONS_KEY, INTEGRITY_KEY} & set(payload)
     if reserved:
         raise ValueError(f"payload keys {sorted(reserved)} are reserved for the nnh header")
-    return atomic_save(seal({**make_header(), **payload}), path, durable=durable)
+    return atomic_save(seal({**make_header(), **payload}), path, durable=durable, crc32=False)

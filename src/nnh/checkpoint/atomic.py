@@ -28,9 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from nnh.checkpoint.errors import CheckpointError
+from nnh.checkpoint.torch_file import write_torch_file
 
 __all__ = [
     "atomic_save",
@@ -185,6 +184,35 @@ def _retire(final: Path) -> Path | None:
     return None
 
 
+def _release_cached_pages(final: Path) -> None:
+    """Drop the page cache of the large file about to be replaced (its data stays on disk).
+
+    The new file needs as much page cache as the old one holds, and the old one's pages are
+    useless once it is replaced. Handing them back first lets the write reuse memory that was
+    just freed. On virtual machines that return free guest memory to the host, fresh memory
+    costs a host fault per page: a 400 MB save measured 0.07 s with the old pages dropped
+    first and up to 0.9 s without. ``torch.save`` over an existing file gets the same effect
+    by truncating it first, which an atomic write cannot do. Only clean, unmapped pages are
+    dropped; nothing is read or written, and any failure is ignored.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(final, flags)
+    except OSError:
+        return
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_size >= _RETIRE_ABOVE:
+            advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink()
@@ -198,6 +226,7 @@ def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: b
     """
     final = Path(path)
     _prepare_destination(final)
+    _release_cached_pages(final)
     tmp, fd = claim_temp_file(final)
     retired: Path | None = None
     try:
@@ -231,7 +260,7 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def atomic_save(obj: Any, path: PathLike, *, durable: bool = True) -> Path:
+def atomic_save(obj: Any, path: PathLike, *, durable: bool = True, crc32: bool = True) -> Path:
     """Write ``obj`` with :func:`torch.save` so that ``path`` is never seen half-written.
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and
@@ -239,6 +268,8 @@ def atomic_save(obj: Any, path: PathLike, *, durable: bool = True) -> Path:
     anything fails (including ``KeyboardInterrupt``) the temporary file is removed and an
     existing file at ``path`` is left untouched. ``durable=False`` skips both fsyncs: the
     write stays atomic against a crashed process but not against a power cut.
+    ``crc32=False`` skips the zip CRC-32 of every record, for payloads that carry their own
+    checksums (see :mod:`nnh.checkpoint.torch_file`).
 
     Returns the final path.
 
@@ -251,7 +282,7 @@ def atomic_save(obj: Any, path: PathLike, *, durable: bool = True) -> Path:
     """
     # torch.save by file name (its C++ writer), not through a Python file object: measured
     # steadier on ext4, where closing the written file also starts its write-back early.
-    return _atomic_write(path, lambda tmp, _fd: torch.save(obj, os.fspath(tmp)), durable)
+    return _atomic_write(path, lambda tmp, _fd: write_torch_file(obj, tmp, crc32=crc32), durable)
 
 
 def atomic_write_bytes(data: bytes, path: PathLike, *, durable: bool = True) -> Path:
