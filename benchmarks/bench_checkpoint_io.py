@@ -114,7 +114,10 @@ def methods(sd: dict[str, torch.Tensor]) -> dict[str, tuple[Callable, Callable]]
         "torch.save+fsync": (torch_save_fsync, torch_load),
         "torch+fsync no CRC": (torch_save_fsync_no_crc, torch_load),
         "nnh durable": (lambda p: save_checkpoint({"model_state_dict": sd}, p), nnh_load),
-        "nnh unverified": (lambda p: save_checkpoint({"model_state_dict": sd}, p), nnh_load_unverified),
+        "nnh unverified": (
+            lambda p: save_checkpoint({"model_state_dict": sd}, p),
+            nnh_load_unverified,
+        ),
         "nnh no-fsync": (
             lambda p: save_checkpoint({"model_state_dict": sd}, p, durable=False),
             nnh_load,
@@ -135,7 +138,9 @@ def run(params: int, rounds: int, folder: Path) -> dict[str, dict[str, list[floa
     sd = make_state(params)
     count = sum(t.numel() for t in sd.values())
     size_mb = sum(t.numel() * t.element_size() for t in sd.values()) / 1e6
-    print(f"model: {count / 1e6:.1f}M parameters, {size_mb:.0f} MB; folder {folder}; {rounds} rounds")
+    print(
+        f"model: {count / 1e6:.1f}M parameters, {size_mb:.0f} MB; folder {folder}; {rounds} rounds"
+    )
     table = methods(sd)
     names = list(table)
     times: dict[str, dict[str, list[float]]] = {n: {"save": [], "load": []} for n in names}

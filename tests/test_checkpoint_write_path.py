@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnh.checkpoint import list_temp_files, load_checkpoint, save_checkpoint
 from nnh.checkpoint import atomic as atomic_module
+from nnh.checkpoint import list_temp_files, load_checkpoint, save_checkpoint
 from nnh.checkpoint.atomic import atomic_save
 from nnh.checkpoint.errors import CheckpointError
 from nnh.checkpoint.torch_file import CAN_SKIP_CRC32, write_torch_file
@@ -71,7 +71,7 @@ def test_a_bit_flip_in_tensor_data_is_still_caught_without_the_crc(tmp_path: Pat
     raw[offset + 1000] ^= 0x10
     path.write_bytes(bytes(raw))
     assert set(_crcs(path)) == {0}  # nothing in the zip itself could notice
-    with pytest.raises(CheckpointError, match="c.pth"):
+    with pytest.raises(CheckpointError, match=r"c\.pth"):
         load_checkpoint(path)
 
 
