@@ -64,19 +64,29 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     return int(total)
 
 
-def _is_tensordict(obj: Any) -> bool:
-    try:
-        from tensordict import TensorDictBase
-    except ImportError:  # pragma: no cover - tensordict is a dependency
-        return False
-    return isinstance(obj, TensorDictBase)
+_TENSORDICT_BASE: Any = None
+
+
+def _tensordict_base() -> Any:
+    global _TENSORDICT_BASE
+    if _TENSORDICT_BASE is None:
+        try:
+            from tensordict import TensorDictBase
+        except ImportError:  # pragma: no cover - tensordict is a dependency
+            TensorDictBase = ()  # isinstance(x, ()) is always False
+        _TENSORDICT_BASE = TensorDictBase
+    return _TENSORDICT_BASE
 
 
 def _walk(obj: Any, where: str) -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, leaf)`` pairs in a fixed order; containers are described too."""
+    """Yield ``(location, leaf)`` pairs in a fixed order; containers are described too.
+
+    The reference definition of what the digest covers; :func:`_describe` produces the
+    same lines without a generator per level (it runs on every save and load).
+    """
     if isinstance(obj, torch.Tensor):
         yield where, obj
-    elif _is_tensordict(obj):
+    elif isinstance(obj, _tensordict_base()):
         yield from _walk(dict(obj.flatten_keys(".").items()), where)
     elif isinstance(obj, Mapping):
         yield where, f"dict[{len(obj)}]"
@@ -90,17 +100,42 @@ def _walk(obj: Any, where: str) -> Iterator[tuple[str, Any]]:
         yield where, f"{type(obj).__name__}:{obj!r}"
 
 
+_PLAIN_LEAVES = frozenset({int, float, str, bool, type(None), bytes, complex})
+
+
+def _describe(obj: Any, where: str, lines: list[str], sums: dict[str, int]) -> None:
+    """Append ``f"{where}={leaf}"`` for every line :func:`_walk` yields; checksum tensors."""
+    kind = type(obj)
+    if kind in _PLAIN_LEAVES:  # most of a payload: numbers of RNG states, settings, history
+        lines.append(f"{where}={kind.__name__}:{obj!r}")
+    elif isinstance(obj, torch.Tensor):
+        sums[where] = tensor_checksum(obj)
+        lines.append(f"{where}=tensor:{obj.dtype}:{tuple(obj.shape)}")
+    elif isinstance(obj, _tensordict_base()):
+        _describe(dict(obj.flatten_keys(".").items()), where, lines, sums)
+    elif isinstance(obj, Mapping):
+        lines.append(f"{where}=dict[{len(obj)}]")
+        for key, value in obj.items():
+            _describe(value, f"{where}/{key!r}", lines, sums)
+    elif isinstance(obj, (list, tuple)):
+        lines.append(f"{where}={kind.__name__}[{len(obj)}]")
+        if all(type(v) in _PLAIN_LEAVES for v in obj):
+            lines.extend(f"{where}[{i}]={type(v).__name__}:{v!r}" for i, v in enumerate(obj))
+        else:
+            for i, value in enumerate(obj):
+                _describe(value, f"{where}[{i}]", lines, sums)
+    else:
+        lines.append(f"{where}={kind.__name__}:{obj!r}")
+
+
 def _measure(payload: Mapping[str, Any]) -> tuple[dict[str, int], str]:
     sums: dict[str, int] = {}
-    digest = hashlib.sha256()
+    lines: list[str] = []
     for key, value in payload.items():
-        if key == INTEGRITY_KEY:
-            continue
-        for where, leaf in _walk(value, repr(key)):
-            if isinstance(leaf, torch.Tensor):
-                sums[where] = tensor_checksum(leaf)
-                leaf = f"tensor:{leaf.dtype}:{tuple(leaf.shape)}"
-            digest.update(f"{where}={leaf}\n".encode("utf-8", "backslashreplace"))
+        if key != INTEGRITY_KEY:
+            _describe(value, repr(key), lines, sums)
+    lines.append("")  # every line ends with a newline, as hashed line by line before
+    digest = hashlib.sha256("\n".join(lines).encode("utf-8", "backslashreplace"))
     return sums, digest.hexdigest()
 
 
