@@ -138,6 +138,16 @@ def test_the_replaced_files_page_cache_is_released_and_its_data_kept(tmp_path: P
     assert old.read_bytes() == content
 
 
+def test_releasing_cache_never_opens_a_device(monkeypatch) -> None:
+    opened: list[object] = []
+    real_open = os.open
+    monkeypatch.setattr(
+        atomic_module.os, "open", lambda p, *a, **k: (opened.append(p), real_open(p, *a, **k))[1]
+    )
+    atomic_module._release_cached_pages(Path("/dev/null"))
+    assert opened == []
+
+
 def test_releasing_cache_ignores_what_is_not_a_large_regular_file(tmp_path: Path) -> None:
     small = tmp_path / "small.pth"
     small.write_bytes(b"x" * 100)

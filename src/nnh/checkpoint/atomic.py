@@ -198,6 +198,12 @@ def _release_cached_pages(final: Path) -> None:
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:
         return
+    try:  # never open anything but a regular file (opening a device can have effects)
+        info = final.lstat()
+    except OSError:
+        return
+    if not stat.S_ISREG(info.st_mode) or info.st_size < _RETIRE_ABOVE:
+        return
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(final, flags)
