@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nnh.checkpoint.errors import CheckpointError
-from nnh.checkpoint.integrity import _measure, _walk, seal, tensor_checksum, verify
+from nnh.checkpoint.integrity import _measure, _tensordict_base, seal, tensor_checksum, verify
 
 leaves = st.one_of(
     st.none(),
@@ -36,6 +38,25 @@ payloads = st.recursive(
     ),
     max_leaves=20,
 )
+
+
+def _walk(obj: Any, where: str) -> Iterator[tuple[str, Any]]:
+    """The reference definition of what format 2's digest covers: ``(location, leaf)`` pairs
+    in a fixed order, containers described too (the generator nnh 0.1 hashed)."""
+    if isinstance(obj, torch.Tensor):
+        yield where, obj
+    elif isinstance(obj, _tensordict_base()):
+        yield from _walk(dict(obj.flatten_keys(".").items()), where)
+    elif isinstance(obj, Mapping):
+        yield where, f"dict[{len(obj)}]"
+        for key, value in obj.items():
+            yield from _walk(value, f"{where}/{key!r}")
+    elif isinstance(obj, (list, tuple)):
+        yield where, f"{type(obj).__name__}[{len(obj)}]"
+        for i, value in enumerate(obj):
+            yield from _walk(value, f"{where}[{i}]")
+    else:
+        yield where, f"{type(obj).__name__}:{obj!r}"
 
 
 def _reference(payload: dict) -> tuple[dict[str, int], str]:

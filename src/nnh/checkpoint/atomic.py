@@ -164,13 +164,17 @@ _RETIRE_ABOVE = 16 * 2**20
 _retired_files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnh-unlink")
 
 
+def _large_regular_file(info: os.stat_result) -> bool:
+    return stat.S_ISREG(info.st_mode) and info.st_size >= _RETIRE_ABOVE
+
+
 def _retire(final: Path) -> Path | None:
     """Give ``final`` a hidden temp-style second name if it is a large regular file."""
     try:
         info = final.lstat()
     except OSError:
         return None
-    if not stat.S_ISREG(info.st_mode) or info.st_size < _RETIRE_ABOVE or info.st_nlink != 1:
+    if not _large_regular_file(info) or info.st_nlink != 1:
         return None
     for _ in range(4):
         link = final.parent / _temp_name(final)
@@ -203,7 +207,7 @@ def _release_cached_pages(final: Path) -> None:
         info = final.lstat()
     except OSError:
         return
-    if not stat.S_ISREG(info.st_mode) or info.st_size < _RETIRE_ABOVE:
+    if not _large_regular_file(info):
         return
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
@@ -211,8 +215,7 @@ def _release_cached_pages(final: Path) -> None:
     except OSError:
         return
     try:
-        info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode) and info.st_size >= _RETIRE_ABOVE:
+        if _large_regular_file(os.fstat(fd)):  # still the file looked at
             advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except OSError:
         pass

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -78,33 +78,14 @@ def _tensordict_base() -> Any:
     return _TENSORDICT_BASE
 
 
-def _walk(obj: Any, where: str) -> Iterator[tuple[str, Any]]:
-    """Yield ``(location, leaf)`` pairs in a fixed order; containers are described too.
-
-    The reference definition of what the digest covers; :func:`_describe` produces the
-    same lines without a generator per level (it runs on every save and load).
-    """
-    if isinstance(obj, torch.Tensor):
-        yield where, obj
-    elif isinstance(obj, _tensordict_base()):
-        yield from _walk(dict(obj.flatten_keys(".").items()), where)
-    elif isinstance(obj, Mapping):
-        yield where, f"dict[{len(obj)}]"
-        for key, value in obj.items():
-            yield from _walk(value, f"{where}/{key!r}")
-    elif isinstance(obj, (list, tuple)):
-        yield where, f"{type(obj).__name__}[{len(obj)}]"
-        for i, value in enumerate(obj):
-            yield from _walk(value, f"{where}[{i}]")
-    else:
-        yield where, f"{type(obj).__name__}:{obj!r}"
-
-
 _PLAIN_LEAVES = frozenset({int, float, str, bool, type(None), bytes, complex})
 
 
 def _describe(obj: Any, where: str, lines: list[str], sums: dict[str, int]) -> None:
-    """Append ``f"{where}={leaf}"`` for every line :func:`_walk` yields; checksum tensors."""
+    """Append one ``f"{where}={leaf}"`` line per tensor, container and other leaf of ``obj``
+    (containers described by type and length, tensors by dtype and shape) in a fixed order,
+    and put each tensor's checksum in ``sums`` under its location.
+    """
     kind = type(obj)
     if kind in _PLAIN_LEAVES:  # most of a payload: numbers of RNG states, settings, history
         lines.append(f"{where}={kind.__name__}:{obj!r}")
