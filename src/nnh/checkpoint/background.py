@@ -14,7 +14,18 @@ Rules:
 * at most ``max_queued`` snapshots wait at once; a further submission blocks until the
   oldest is written, so memory stays bounded when saves outpace the disk;
 * pending writes finish before the interpreter exits (the thread pool joins at exit);
-* a failed write is kept on its handle (:meth:`SaveHandle.exception`), never lost.
+* a failed write is kept on its handle (:meth:`SaveHandle.exception`), never lost;
+* ``check(snapshot)`` (optional) runs on the writer thread before the write; when it raises,
+  nothing is written and the error is the handle's result.
+
+Deferred copies (``defer``): sections of the payload that only an optimizer's ``step()``
+changes in place (its moments, the EMA weights) need not be copied while the caller waits.
+Their copy runs on a second thread, the *stager*, while training computes the next forward
+and backward pass; :meth:`BackgroundWriter.hold` makes the optimizer's next ``step()`` wait
+until that copy is complete (a step pre-hook), so the file still holds exactly the state at
+the call. Each deferred tensor's version counter is compared after its copy: a tensor changed
+in place by anything else in between makes that save fail (kind ``"changed_while_saving"``)
+rather than write a mix of two states. On CUDA every copy is made at the call.
 
 Example:
     >>> import tempfile, torch
@@ -32,9 +43,11 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +55,33 @@ import torch
 
 from nnh.checkpoint.errors import CheckpointError
 
-__all__ = ["BackgroundWriter", "SaveHandle", "snapshot"]
+__all__ = ["BackgroundWriter", "SaveHandle", "defer_spec", "snapshot"]
 
 PathLike = str | os.PathLike[str]
 
 
 BufferPool = dict[tuple[Any, ...], list[torch.Tensor]]
+# a nested mapping of payload keys; True marks a section whose tensors may be copied later
+DeferSpec = Mapping[str, "DeferSpec | bool"]
+
+
+def defer_spec(*paths: tuple[str, ...]) -> DeferSpec:
+    """The sections at ``paths`` (tuples of keys from the payload's top) as a spec for
+    :meth:`BackgroundWriter.submit`'s ``defer``.
+
+    Example:
+        >>> defer_spec(("optimizer", "state_dict", "state"), ("train_state", "ema"))
+        {'optimizer': {'state_dict': {'state': True}}, 'train_state': {'ema': True}}
+    """
+    spec: dict[str, Any] = {}
+    for path in paths:
+        if not path:
+            raise ValueError("a deferred section needs a path of at least one key")
+        node = spec
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = True
+    return spec
 
 
 class _Copier:
@@ -61,6 +95,8 @@ class _Copier:
         self.pool: BufferPool = pool if pool is not None else {}
         self.created: list[torch.Tensor] = []
         self.event: Any = None
+        # deferred copies: (source, destination, the source's version at the call, where)
+        self.late: list[tuple[torch.Tensor, torch.Tensor, int, str]] = []
 
     def _buffer(self, t: torch.Tensor, pinned: bool) -> torch.Tensor:
         spares = self.pool.get((tuple(t.shape), t.dtype, pinned))
@@ -68,24 +104,49 @@ class _Copier:
             return spares.pop()
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
 
-    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+    def tensor(self, t: torch.Tensor, late_as: str | None = None) -> torch.Tensor:
         t = t.detach()
         if t.layout is not torch.strided or t.device.type not in ("cpu", "cuda"):
             return t.to("cpu", copy=True)
         cuda = t.device.type == "cuda"
         out = self._buffer(t, pinned=cuda)
+        version = _version(t) if late_as is not None and not cuda else None
+        if version is not None:
+            self.late.append((t, out, version, late_as))  # type: ignore[arg-type]
+            self.created.append(out)
+            return out
         out.copy_(t, non_blocking=cuda)
         if cuda and self.event is None:
             self.event = torch.cuda.Event()
         self.created.append(out)
         return out
 
-    def tree(self, obj: Any, share: frozenset[str], top: bool) -> Any:
+    def tree(
+        self,
+        obj: Any,
+        share: frozenset[str],
+        top: bool,
+        defer: DeferSpec | bool | None = None,
+        where: str = "",
+    ) -> Any:
+        """Copy ``obj``; ``defer`` is the part of the defer spec at this node (True: defer
+        every tensor below), ``where`` names the node for error messages."""
         if isinstance(obj, torch.Tensor):
-            return self.tensor(obj)
+            return self.tensor(obj, where if defer is True else None)
         if isinstance(obj, Mapping):
             items = {
-                k: (v if top and k in share else self.tree(v, share, False)) for k, v in obj.items()
+                k: (
+                    v
+                    if top and k in share
+                    else self.tree(
+                        v,
+                        share,
+                        False,
+                        defer if defer is True or not defer else defer.get(k),
+                        f"{where}/{k}" if defer else where,
+                    )
+                )
+                for k, v in obj.items()
             }
             if isinstance(obj, OrderedDict):  # a state_dict: keep its type and its _metadata
                 copied = OrderedDict(items)
@@ -93,11 +154,33 @@ class _Copier:
                     copied._metadata = obj._metadata  # type: ignore[attr-defined]
                 return copied
             return items
+        late = True if defer is True else None
         if isinstance(obj, list):
-            return [self.tree(v, share, False) for v in obj]
+            return [self.tree(v, share, False, late, where) for v in obj]
         if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
-            return tuple(self.tree(v, share, False) for v in obj)
+            return tuple(self.tree(v, share, False, late, where) for v in obj)
         return obj
+
+    def finish(self, path: Path) -> None:
+        """Make the deferred copies; raise when a source changed since the call."""
+        late, self.late = self.late, []
+        if not late:
+            return
+        torch._foreach_copy_([d for _, d, _, _ in late], [s for s, _, _, _ in late])
+        changed = [where for s, _, v, where in late if s._version != v]
+        if changed:
+            shown = ", ".join(changed[:3]) + (
+                f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            )
+            raise CheckpointError(
+                f"background save of {str(path)!r} was not written: {shown} changed in place "
+                "before its copy was complete. Only the optimizer's step() is expected to "
+                "change them, and it waits for the copy. The previous file under that name is "
+                "untouched. What to do: change optimizer state or EMA weights between train() "
+                "calls, or save with async_save=False.",
+                path=path,
+                kind="changed_while_saving",
+            )
 
     def buffers(self) -> BufferPool:
         """The buffers this copier made, keyed for reuse."""
@@ -129,11 +212,21 @@ def snapshot(
     return _snapshot(payload, share, pool)[0]
 
 
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return int(t._version)
+    except RuntimeError:  # an inference tensor has no version counter: copy it now
+        return None
+
+
 def _snapshot(
-    payload: Mapping[str, Any], share: frozenset[str], pool: BufferPool | None
+    payload: Mapping[str, Any],
+    share: frozenset[str],
+    pool: BufferPool | None,
+    defer: DeferSpec | None = None,
 ) -> tuple[dict[str, Any], _Copier]:
     copier = _Copier(pool)
-    copied = copier.tree(payload, share, True)
+    copied = copier.tree(payload, share, True, defer or None)
     if copier.event is not None:  # one event after all the copies on the current stream
         copier.event.record()
         copier.event.synchronize()
@@ -173,13 +266,33 @@ class SaveHandle:
         return f"SaveHandle({str(self.path)!r}, {state}{', superseded' if self.superseded else ''})"
 
 
+Check = Callable[[dict[str, Any]], None]
+
+
 class _Job:
-    def __init__(self, payload: dict[str, Any], path: Path, after: Callable[[Path], None] | None):
-        self.payload, self.path, self.after = payload, path, after
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.payload: dict[str, Any] = {}
+        self.after: Callable[[Path], None] | None = None
+        self.check: Check | None = None
+        self.on_refused: Callable[[CheckpointError], None] | None = None
         self.copier: _Copier | None = None
+        self.staged: Future | None = None  # the deferred copies, made by the stager
         self.future: Future = Future()
         self.started = False
+        self.refusal_reported = False
         self.handles: list[SaveHandle] = []
+
+    def load(
+        self, payload: dict[str, Any], copier: _Copier, staged: Future | None, **options: Any
+    ) -> None:
+        """Take a (newer) snapshot and its options."""
+        self.payload, self.copier, self.staged = payload, copier, staged
+        self.after, self.check, self.on_refused = (
+            options["after"],
+            options["check"],
+            options["on_refused"],
+        )
 
     def handle(self) -> SaveHandle:
         """A new handle on this job; the earlier ones are now superseded."""
@@ -207,8 +320,11 @@ class BackgroundWriter:
         self._queued: dict[Path, _Job] = {}
         self._slots = threading.BoundedSemaphore(max_queued)
         self._write = write
-        self._futures: list[Future] = []
+        self._jobs: list[_Job] = []
         self._spare: BufferPool = {}  # the buffers of the last written snapshot
+        self._stager: ThreadPoolExecutor | None = None
+        self._staging: Future | None = None  # the latest deferred copy
+        self._held: weakref.WeakSet[Any] = weakref.WeakSet()  # optimizers with our pre-hook
 
     def _run(self, job: _Job) -> None:
         with self._lock:
@@ -217,6 +333,16 @@ class BackgroundWriter:
             job.started = True
         self._slots.release()
         try:
+            if job.staged is not None:
+                job.staged.result()  # the deferred copies, or their error
+            if job.check is not None:
+                try:
+                    job.check(job.payload)
+                except CheckpointError as err:
+                    if job.on_refused is not None:
+                        job.on_refused(err)
+                        job.refusal_reported = True
+                    raise
             if self._write is None:
                 from nnh.checkpoint import save_checkpoint
 
@@ -252,29 +378,43 @@ class BackgroundWriter:
         *,
         after: Callable[[Path], None] | None = None,
         share: frozenset[str] = frozenset(),
+        defer: DeferSpec | None = None,
+        check: Check | None = None,
+        on_refused: Callable[[CheckpointError], None] | None = None,
     ) -> SaveHandle:
         """Snapshot ``payload`` (sections in ``share`` by reference) and queue it for ``path``.
 
         ``after(path)`` runs on the writer thread once the file is safely written. Blocks
-        while ``max_queued`` snapshots already wait.
+        while ``max_queued`` snapshots already wait. ``defer`` (see :func:`defer_spec`) names
+        sections whose copy the stager makes after the call returns: only for state that
+        nothing changes before :meth:`wait_staged` (use :meth:`hold`). ``check(snapshot)``
+        runs on the writer thread before the write; a :class:`CheckpointError` it raises
+        stops the write and is the handle's result, and is also passed to ``on_refused``
+        when given (that error is then not reported again by :meth:`wait`/:meth:`failures`).
         """
         target = Path(path)
         with self._lock:
             spare, self._spare = self._spare, {}
-        data, copier = _snapshot(payload, share, spare)
+        data, copier = _snapshot(payload, share, spare, defer)
+        staged = None
+        if copier.late:
+            if self._stager is None:
+                self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnh-stage")
+            staged = self._staging = self._stager.submit(copier.finish, target)
+        options = {"after": after, "check": check, "on_refused": on_refused}
         with self._lock:
             older = self._queued.get(target)
             if older is not None and not older.started:  # supersede: write the newer state
-                older.payload, older.after, older.copier = data, after, copier
+                older.load(data, copier, staged, **options)
                 return older.handle()
         self._slots.acquire()
-        job = _Job(data, target, after)
-        job.copier = copier
+        job = _Job(target)
+        job.load(data, copier, staged, **options)
         handle = job.handle()
         with self._lock:
             self._queued[target] = job
-            self._futures = [f for f in self._futures if not f.done() or f.exception()]
-            self._futures.append(job.future)
+            self._jobs = [j for j in self._jobs if not j.future.done() or j.future.exception()]
+            self._jobs.append(job)
         try:
             self._pool.submit(self._run, job)
         except BaseException as err:  # e.g. submitting at interpreter exit: never hang a waiter
@@ -285,18 +425,57 @@ class BackgroundWriter:
             raise
         return handle
 
+    def hold(self, optimizer: Any) -> bool:
+        """Make every ``optimizer.step()`` first wait for the deferred copies (a step
+        pre-hook, registered once per optimizer; free when no copy is under way). False
+        when ``optimizer`` takes no step pre-hooks: then nothing may be deferred.
+
+        Example:
+            >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+            >>> writer = BackgroundWriter(); writer.hold(opt), writer.hold(opt)
+            (True, True)
+        """
+        if optimizer in self._held:
+            return True
+        register = getattr(optimizer, "register_step_pre_hook", None)
+        if register is None:
+            return False
+        this = weakref.ref(self)  # the hook must not keep the writer alive
+
+        def wait_for_copies(*_: Any) -> None:
+            writer = this()
+            if writer is not None and writer._staging is not None:
+                writer.wait_staged()
+
+        register(wait_for_copies)
+        self._held.add(optimizer)
+        return True
+
+    def wait_staged(self) -> None:
+        """Wait until the deferred copies of every submitted snapshot are made (their
+        errors go to their saves' handles)."""
+        staging = self._staging
+        if staging is not None:
+            futures_wait([staging])
+            if self._staging is staging:
+                self._staging = None
+
     def wait(self, timeout: float | None = None) -> list[BaseException]:
         """Wait for every submitted write; return (and forget) the exceptions of failed ones."""
         with self._lock:
-            futures, self._futures = self._futures, []
-        return [err for f in futures if (err := f.exception(timeout)) is not None]
+            jobs, self._jobs = self._jobs, []
+        return [
+            err
+            for j in jobs
+            if (err := j.future.exception(timeout)) is not None and not j.refusal_reported
+        ]
 
     def failures(self) -> list[BaseException]:
         """Return (and forget) the exceptions of writes that have already failed."""
         with self._lock:
-            failed = [f for f in self._futures if f.done() and f.exception() is not None]
-            self._futures = [f for f in self._futures if not f.done()]
-        return [f.exception() for f in failed]
+            failed = [j for j in self._jobs if j.future.done() and j.future.exception() is not None]
+            self._jobs = [j for j in self._jobs if not j.future.done()]
+        return [j.future.exception() for j in failed if not j.refusal_reported]
 
     @property
     def pending(self) -> int:
@@ -307,4 +486,4 @@ class BackgroundWriter:
             0
         """
         with self._lock:
-            return sum(not f.done() for f in self._futures)
+            return sum(not j.future.done() for j in self._jobs)

@@ -51,12 +51,12 @@ from nnh.handler.logs import make_logger
 from nnh.handler.metric_objects import as_handler_metric
 from nnh.handler.persistence import capture_rng, restore_rng
 from nnh.handler.saving import (
-    NonFiniteStateError,
     check_resume_batch_size,
     raise_save_failures,
     submit_checkpoint,
     wait_for_saves,
     write_checkpoint,
+    write_step_checkpoint,
 )
 from nnh.handler.seeding import check_seed, model_kwargs_with_seed, seed_everything
 from nnh.handler.train_options import remembers_train_options
@@ -1144,13 +1144,8 @@ class NNHandler:
                 "target_epoch": self._target_epoch,
             }
             saver = self._auto_saver
-            save = submit_checkpoint if saver.async_save else write_checkpoint
-            try:
-                save(
-                    self, str(saver.step_path()), resume=resume, guard_replace=saver.from_checkpoint
-                )
-            except NonFiniteStateError as err:
-                self._warn(str(err))
+            write_step_checkpoint(self, str(saver.step_path()), resume=resume,
+                                  guard_replace=saver.from_checkpoint, background=saver.async_save)  # fmt: skip
 
         return on_step
 
@@ -1177,6 +1172,7 @@ class NNHandler:
                     str(path),
                     guard_replace=saver.from_checkpoint,
                     after=lambda written: saver.remove_previous(written, run_id),
+                    in_training=True,
                 )
                 return
             write_checkpoint(self, str(path), guard_replace=saver.from_checkpoint)

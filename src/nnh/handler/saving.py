@@ -4,8 +4,9 @@
 byte is written it checks, on every rank (the answer is the same on all of them):
 
 * the state is finite: parameters, buffers, optimizer state and EMA weights, and for a
-  mid-epoch checkpoint the running loss of the epoch (:func:`non_finite_state`). A recovery
-  file is never replaced by a diverged state; the last good one stays;
+  mid-epoch checkpoint the running loss of the epoch (:mod:`nnh.handler.finite`). A recovery
+  file is never replaced by a diverged state; the last good one stays (a background save
+  checks its snapshot on the writer thread instead);
 * for automatic saves whose configuration came from a checkpoint file, that the target is
   free or a checkpoint of this run (:func:`nnh.checkpoint.ownership.may_replace`).
 
@@ -19,11 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from nnh.checkpoint import CheckpointError, save_checkpoint
-from nnh.checkpoint.background import SaveHandle
+from nnh.checkpoint.background import SaveHandle, defer_spec
 from nnh.checkpoint.ownership import folder_may_receive, may_replace
+from nnh.handler.finite import (
+    NonFiniteStateError,
+    non_finite_error,
+    non_finite_snapshot,
+    non_finite_state,
+    optimizer_param_names,
+)
 from nnh.handler.persistence import handler_payload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,72 +42,8 @@ __all__ = [
     "submit_checkpoint",
     "wait_for_saves",
     "write_checkpoint",
+    "write_step_checkpoint",
 ]
-
-
-class NonFiniteStateError(CheckpointError):
-    """Refused to save: the state holds NaN or infinite values."""
-
-
-def _named_tensors(handler: NNHandler) -> list[tuple[str, torch.Tensor]]:
-    out = [(f"model {k}", v) for k, v in handler.module.state_dict().items()]
-    optimizer = handler.optimizer
-    if optimizer is not None:
-        names = {id(p): n for n, p in handler.module.named_parameters()}
-        for param, state in optimizer.state.items():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    out.append((f"optimizer {key} of {names.get(id(param), '?')}", value))
-    state = handler._state
-    if state is not None and state.ema is not None:
-        out += [(f"EMA {k}", v) for k, v in state.ema.items()]
-    return [(n, t) for n, t in out if t.is_floating_point() or t.is_complex()]
-
-
-def _sum(t: torch.Tensor) -> torch.Tensor:
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    if t.element_size() < 4:  # float16/bfloat16 would overflow at 65504 / sum in float32
-        return t.sum(dtype=torch.float32)
-    return t.sum()
-
-
-def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -> list[str]:
-    """Names of the state's tensors (and mid-epoch sums) holding NaN or inf; empty when good.
-
-    One device sync for the whole state.
-
-    Example:
-        >>> from torch import nn
-        >>> from nnh import NNHandler
-        >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
-        >>> non_finite_state(h)
-        []
-        >>> with torch.no_grad():
-        ...     _ = h.module.bias.fill_(float("nan"))
-        >>> non_finite_state(h)
-        ['model bias']
-        >>> with torch.no_grad():  # sums overflow, but every value is finite
-        ...     _ = h.module.bias.fill_(3e38); _ = h.module.weight.fill_(3e38)
-        >>> non_finite_state(h)
-        []
-    """
-    named = _named_tensors(handler)
-    bad: list[str] = []
-    if named:
-        # A sum is finite when every element is (one fast pass, no bool copy of the state);
-        # a non-finite sum may also be an overflow of large finite values, so those few
-        # tensors are confirmed element by element.
-        device = named[0][1].device  # one transfer (one sync) for the whole state
-        sums = torch.stack([_sum(t).float().to(device) for _, t in named]).cpu()
-        suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
-        bad = [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
-    if resume is not None:
-        loss = resume.get("sums", {}).get("loss")
-        # one running loss, or one per ensemble member
-        if loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
-            bad.append("the epoch's running loss")
-    return bad
 
 
 def write_checkpoint(
@@ -139,6 +81,26 @@ def write_checkpoint(
         raise RuntimeError(f"saving {path} failed on rank 0; see its error")
 
 
+def write_step_checkpoint(
+    handler: NNHandler,
+    path: str,
+    *,
+    resume: dict[str, Any],
+    guard_replace: bool = False,
+    background: bool = False,
+) -> None:
+    """Write a mid-epoch checkpoint (``background``: submit it); a non-finite state is
+    reported as a warning and training goes on (the last good file stays)."""
+    if background:
+        submit_checkpoint(handler, path, resume=resume, guard_replace=guard_replace,
+                          in_training=True, warn_if_refused=True)  # fmt: skip
+        return
+    try:
+        write_checkpoint(handler, path, resume=resume, guard_replace=guard_replace)
+    except NonFiniteStateError as err:
+        handler._warn(str(err))
+
+
 def submit_checkpoint(
     handler: NNHandler,
     path: str,
@@ -147,28 +109,57 @@ def submit_checkpoint(
     include_datasets: bool = True,
     guard_replace: bool = False,
     after: Callable[[Path], None] | None = None,
+    in_training: bool = False,
+    warn_if_refused: bool = False,
 ) -> SaveHandle:
     """Like :func:`write_checkpoint`, but the file is written by the handler's background
     writer: the state is snapshotted now, the call returns a :class:`SaveHandle`.
 
-    The checks (finite state, ownership) run now, on the caller's thread. Under DDP only
-    rank 0 snapshots and writes; the other ranks get a completed handle at once and never
-    wait for the write. ``after(path)`` runs on the writer thread once the file is written.
+    The ownership check runs now, on the caller's thread; the finite check runs on the
+    writer thread, over the snapshot (a non-finite state is not written, and the handle
+    fails with :class:`NonFiniteStateError`). Under DDP only rank 0 snapshots and writes;
+    the other ranks get a completed handle at once and never wait for the write.
+    ``after(path)`` runs on the writer thread once the file is written.
+
+    ``in_training``: an automatic save inside ``train()``. Then the optimizer's moments and
+    the EMA weights, which only the optimizer's next ``step()`` changes, are copied on the
+    writer's stager thread while training goes on, and that step waits for the copy
+    (:meth:`nnh.checkpoint.background.BackgroundWriter.hold`). ``warn_if_refused``: a
+    non-finite state is reported as a warning (as a blocking step checkpoint does), not
+    raised by the next call.
     """
-    _refuse_non_finite(handler, path, resume)
     if not handler._dist.is_main:
         done = SaveHandle(Path(path))
         done._future.set_result(Path(path))
         return done
     _check_replace(handler, path, guard_replace)
     payload = handler_payload(handler, include_datasets=include_datasets, resume=resume)
-    # embedded datasets are not copied: training never modifies them
-    handle = handler._background_writer().submit(payload, path, after=after, share=_SHARED)
+    writer = handler._background_writer()
+    optimizer = handler.optimizer
+    defer = in_training and optimizer is not None and writer.hold(optimizer)
+    param_name = optimizer_param_names(handler)
+
+    def check(snapshot: dict[str, Any]) -> None:
+        bad = non_finite_snapshot(snapshot, param_name)
+        if bad:
+            raise non_finite_error(path, bad)
+
+    handle = writer.submit(
+        payload,
+        path,
+        after=after,
+        share=_SHARED,  # embedded datasets are not copied: training never modifies them
+        defer=_DEFERRED if defer else None,
+        check=check,
+        on_refused=(lambda err: handler._warn(str(err))) if warn_if_refused else None,
+    )
     handler._log(f"saving {path} in the background")
     return handle
 
 
 _SHARED = frozenset({"data"})
+# changed in place only by the optimizer's step (which BackgroundWriter.hold makes wait)
+_DEFERRED = defer_spec(("optimizer", "state_dict", "state"), ("train_state", "ema"))
 
 
 def _check_replace(handler: NNHandler, path: str, guard_replace: bool) -> None:
@@ -202,15 +193,7 @@ def _check_replace(handler: NNHandler, path: str, guard_replace: bool) -> None:
 def _refuse_non_finite(handler: NNHandler, path: str, resume: dict[str, Any] | None) -> None:
     bad = non_finite_state(handler, resume)
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteStateError(
-            f"did not write checkpoint {path!r}: the state is not finite ({shown} hold NaN or "
-            "inf). A diverged state is never saved, so the last good checkpoint stays. What "
-            "to do: lower the learning rate, clip gradients (gradient_clipping_norm=...), or "
-            "check the data and the loss; then resume from the last good checkpoint.",
-            path=path,
-            kind="non_finite",
-        )
+        raise non_finite_error(path, bad)
 
 
 def check_resume_batch_size(resume: dict[str, Any], loader: Any) -> None:
@@ -264,10 +247,13 @@ def wait_for_saves(handler: NNHandler, timeout: float | None = None) -> None:
 
 
 def raise_save_failures(handler: NNHandler) -> None:
-    """Raise the error of a background save that has failed since the last check."""
+    """Raise the error of a background save that has failed since the last check; the
+    deferred copies of earlier saves are complete when this returns (it runs at every call
+    into the handler that may change its state)."""
     writer = handler.__dict__.get("_saves")
     if writer is None:
         return
+    writer.wait_staged()
     errors = writer.failures()
     if errors:
         raise errors[0]
