@@ -162,7 +162,7 @@ def test_kill_9_during_background_writes_never_leaves_a_partial_file(tmp_path):
 
 def test_a_background_save_costs_the_caller_a_fraction_of_a_blocking_one(tmp_path):
     """What training pays per checkpoint: the call. benchmarks/bench_async_save.py measures
-    the whole epoch (there the overhead ratio is ~0.7 on this 2-core machine)."""
+    the whole epoch (there the overhead ratio is ~0.3 on this 2-core machine)."""
     h = make_handler(hidden=1400)  # ~2 M parameters + Adam state
     h.train(1, progress_bar=False)
     blocking, background = [], []

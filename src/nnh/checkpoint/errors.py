@@ -26,7 +26,9 @@ class CheckpointError(RuntimeError):
             ``"damaged"`` (a section is missing or malformed), ``"non_finite"`` (refused to
             save a non-finite state), ``"disk_full"``, ``"file_too_large"``,
             ``"not_owned"`` (refused to overwrite a file another run or program wrote),
-            ``"batch_size"`` (a step checkpoint resumed with another batch size).
+            ``"batch_size"`` (a step checkpoint resumed with another batch size),
+            ``"write_failed"`` (a background write failed), ``"changed_while_saving"``
+            (state a background save copies late was changed before its copy).
 
     Example:
         >>> err = CheckpointError("checkpoint 'a.pt' does not exist", path="a.pt", kind="missing")
