@@ -178,6 +178,23 @@ def test_a_background_save_costs_the_caller_a_fraction_of_a_blocking_one(tmp_pat
     assert ratio <= 0.5, (background, blocking)
 
 
+def test_background_step_checkpoints_cost_training_a_fraction_of_blocking_ones(tmp_path):
+    """The issue's measure, shortened: benchmarks/bench_async_save.py (one epoch of a
+    4.7M-parameter MLP + Adam, a checkpoint every 4 steps; none / blocking / background in
+    interleaved rounds) with 24 steps and 3 rounds. The full benchmark (48 steps, 16 rounds)
+    gives ~0.3 against the goal of 0.35; with half the steps the final wait for the last
+    write weighs more (0.32-0.42 here), and the bound is generous because this machine is
+    noisy."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_async_save.py"
+    run = subprocess.run(
+        [PY, "-W", "ignore", str(script), "--rounds", "3", "--steps", "24", "--quiet", "--dir", str(tmp_path)],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    ratio = float(run.stdout.split("async/sync overhead ratio")[-1])
+    assert ratio <= 0.7, run.stdout
+
+
 def test_under_ddp_rank_0_writes_and_the_other_ranks_never_wait(tmp_path):
     import json
     import socket
