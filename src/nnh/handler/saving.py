@@ -90,7 +90,21 @@ def write_step_checkpoint(
     background: bool = False,
 ) -> None:
     """Write a mid-epoch checkpoint (``background``: submit it); a non-finite state is
-    reported as a warning and training goes on (the last good file stays)."""
+    reported as a warning and training goes on (the last good file stays).
+
+    Example:
+        >>> import tempfile, warnings, torch
+        >>> from torch import nn
+        >>> from nnh import NNHandler
+        >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+        >>> with torch.no_grad():
+        ...     _ = h.module.bias.fill_(float("nan"))
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     write_step_checkpoint(h, f"{tempfile.mkdtemp()}/s.pth", resume={"epoch": 1})
+        >>> "not finite (model bias" in str(caught[0].message)
+        True
+    """
     if background:
         submit_checkpoint(handler, path, resume=resume, guard_replace=guard_replace,
                           in_training=True, warn_if_refused=True)  # fmt: skip
