@@ -74,13 +74,16 @@ def defer_spec(*paths: tuple[str, ...]) -> DeferSpec:
         {'optimizer': {'state_dict': {'state': True}}, 'train_state': {'ema': True}}
     """
     spec: dict[str, Any] = {}
-    for path in paths:
+    for path in sorted(paths, key=len):  # a section inside a deferred one is deferred already
         if not path:
             raise ValueError("a deferred section needs a path of at least one key")
-        node = spec
+        node: Any = spec
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = True
+            if node is True:
+                break
+        else:
+            node[path[-1]] = True
     return spec
 
 
