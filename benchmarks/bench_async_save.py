@@ -30,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,6 +83,8 @@ def main() -> None:
         env = {**os.environ, "GLIBC_TUNABLES": _KEEP_FREED_MEMORY}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     torch.set_num_threads(1)
+    # WideMLP lives in this script: its checkpoints load from here only, as nnh warns
+    warnings.filterwarnings("ignore", message=".*defined in the script being run")
     params = sum(p.numel() for p in WideMLP().parameters())
     gen = torch.Generator().manual_seed(0)
     n = 64 * args.steps
