@@ -70,8 +70,10 @@ def defer_spec(*paths: tuple[str, ...]) -> DeferSpec:
     :meth:`BackgroundWriter.submit`'s ``defer``.
 
     Example:
-        >>> defer_spec(("optimizer", "state_dict", "state"), ("train_state", "ema"))
-        {'optimizer': {'state_dict': {'state': True}}, 'train_state': {'ema': True}}
+        >>> defer_spec(("train_state", "ema"), ("optimizer", "state_dict", "state"))
+        {'train_state': {'ema': True}, 'optimizer': {'state_dict': {'state': True}}}
+        >>> defer_spec(("a", "b"), ("a",))      # a section inside a deferred one
+        {'a': True}
     """
     spec: dict[str, Any] = {}
     for path in sorted(paths, key=len):  # a section inside a deferred one is deferred already
