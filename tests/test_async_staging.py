@@ -9,24 +9,14 @@ import warnings
 
 import pytest
 import torch
-from models import MLP, classification_data
+from test_async_save import make_handler
 from torch import nn
 
-from nnh import NNHandler
 from nnh.callbacks import Callback
 from nnh.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nnh.checkpoint import background as bg
 from nnh.checkpoint.background import BackgroundWriter, defer_spec
 from nnh.handler.saving import NonFiniteStateError
-
-
-def make_handler(hidden: int = 16, ema: bool = False) -> NNHandler:
-    torch.manual_seed(0)
-    h = NNHandler(MLP, hidden=hidden, model_type="classification")
-    h.set_optimizer(torch.optim.Adam, lr=1e-2)
-    h.set_loss_fn(nn.functional.cross_entropy)
-    h.set_train_loader(classification_data(256), batch_size=16, shuffle=True)
-    return h
 
 
 @pytest.fixture
