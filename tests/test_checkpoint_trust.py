@@ -51,7 +51,7 @@ def hostile(tmp_path: Path, edit, name: str = "hostile.pth") -> Path:
     h.train(1, progress_bar=False)
     payload = handler_payload(h)
     edit(payload)
-    return save_checkpoint(payload, tmp_path / name)
+    return save_checkpoint(payload, tmp_path / name, sign=False)  # a stranger's: not signed with our key
 
 
 # ------------------------------------------------------------------ 1. nothing named is called
@@ -95,26 +95,84 @@ MARKER_CASES = {
 }  # fmt: skip
 
 
+def own(tmp_path: Path, edit, name: str = "own.pth") -> Path:
+    """Like :func:`hostile`, but signed with this user's key: an own file, whose names are
+    vouched for (and still type-checked)."""
+    h = make_handler()
+    h.train(1, progress_bar=False)
+    payload = handler_payload(h)
+    edit(payload)
+    return save_checkpoint(payload, tmp_path / name)
+
+
+def _load_and_train(path: Path) -> None:
+    """Load a file and, if it loaded, train one epoch when it can (as a user would)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            h = NNHandler.load(str(path))
+        except CheckpointError:
+            return
+        if h._adapter is not None and h._loss_fn is not None and h._train_loader is not None:
+            h.train(1, progress_bar=False)
+
+
 @pytest.mark.parametrize("case", sorted(MARKER_CASES))
-def test_a_file_naming_something_else_is_refused_before_anything_runs(tmp_path, case):
+def test_a_foreign_file_naming_something_else_runs_nothing(tmp_path, case):
+    """A stranger's file: names outside the registry are dropped (or refused), never used."""
     marker = tmp_path / "marker"
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("precious")
     path = hostile(tmp_path, lambda p: MARKER_CASES[case](p, marker))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            NNHandler.load(str(path))
+        except CheckpointError as err:
+            assert err.kind == "untrusted" and str(path) in str(err)
+        else:
+            assert any("not signed with your key" in str(w.message) for w in caught)
+    _load_and_train(path)
+    assert not marker.exists()
+    assert (victim / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("case", sorted(MARKER_CASES))
+def test_an_own_file_naming_something_else_is_refused_before_anything_runs(tmp_path, case):
+    """Your own file (signed): its names are imported, but each must still fit its slot."""
+    marker = tmp_path / "marker"
+    path = own(tmp_path, lambda p: MARKER_CASES[case](p, marker))
     with pytest.raises(CheckpointError) as info:
         NNHandler.load(str(path))
     assert info.value.kind == "untrusted"
     assert str(path) in str(info.value)
     assert not marker.exists()
-    assert (victim / "keep.txt").read_text() == "precious"
 
 
 def test_untrusted_error_names_the_record_and_what_was_found(tmp_path):
-    path = hostile(tmp_path, lambda p: p.update(
+    path = own(tmp_path, lambda p: p.update(
         callbacks=[{"class": "os.system", "config": {"command": "true"}, "state": {}}]))  # fmt: skip
     with pytest.raises(CheckpointError, match=r"callbacks\[0\]\.class.*os\.system.*standard library"):
         NNHandler.load(str(path))
+
+
+def test_dropped_records_are_named_once_with_the_way_to_restore_them(tmp_path):
+    path = hostile(tmp_path, lambda p: p.update(
+        callbacks=[{"class": "mypkg.MyCallback", "config": {}, "state": {}}],
+        metrics={"acc": {"kind": "function", "function": "models.accuracy"}}))  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h = NNHandler.load(str(path))
+    messages = [str(w.message) for w in caught if "not signed with your key" in str(w.message)]
+    assert len(messages) == 1
+    assert "callbacks[0].class" in messages[0] and "'mypkg.MyCallback'" in messages[0]
+    assert "trusted=[" in messages[0] and "trust_modules=" in messages[0]
+    assert h._callbacks == [] and h._metrics == {}
+    # the user vouches: the metric comes back
+    again = NNHandler.load(str(path), trusted=[accuracy])
+    assert again._metrics == {"acc": accuracy}
+    assert NNHandler.load(str(path), trust_modules=("models",))._metrics == {"acc": accuracy}
 
 
 # ------------------------------------------------------------------ 2. nnh deletes only its own files
@@ -148,13 +206,15 @@ def test_stored_paths_cannot_make_nnh_delete_or_replace_unrelated_files(tmp_path
 
 
 def test_automatic_save_from_a_file_never_replaces_a_file_it_did_not_write(tmp_path):
+    """Even your own file (paths kept) never makes an automatic save replace a file that is
+    not a checkpoint of this run."""
     precious = tmp_path / "model.pth"
     precious.write_text("not a checkpoint, and not nnh's to replace")
 
     def edit(p):
         p["auto_saver"].update(interval=1, save_path=str(tmp_path), name="model")
 
-    h = NNHandler.load(str(hostile(tmp_path, edit)))
+    h = NNHandler.load(str(own(tmp_path, edit)))
     with pytest.raises(CheckpointError) as info:
         h.train(1, progress_bar=False)
     assert info.value.kind == "not_owned" and str(precious) in str(info.value)
@@ -164,24 +224,38 @@ def test_automatic_save_from_a_file_never_replaces_a_file_it_did_not_write(tmp_p
     assert read_run_id(precious) == h._run_id
 
 
-@pytest.mark.parametrize("who", ["auto_saver", "ModelCheckpoint"])
-def test_a_file_cannot_choose_a_folder_outside_the_run(tmp_path, who):
-    target = tmp_path / "site-packages"  # absolute, and not a folder this run saved to
+@pytest.mark.parametrize("who", ["auto_saver", "ModelCheckpoint", "CSVLogger", "logging"])
+def test_a_foreign_file_cannot_choose_a_path_outside_the_working_folder(tmp_path, monkeypatch, who):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    target = tmp_path / "site-packages"  # outside the working folder
     target.mkdir()
+    victim = target / "victim.log"
+    victim.write_text("precious")
 
     def edit(p):
         if who == "auto_saver":
             p["auto_saver"].update(interval=1, save_path=str(target), name="evil")
+        elif who == "CSVLogger":
+            p["callbacks"] = [{"class": "nnh.callbacks.CSVLogger",
+                               "config": {"filename": str(victim), "separator": ";"}, "state": {}}]
+        elif who == "logging":
+            p["logging"] = {"mode": "file", "filename": str(victim), "level": 20}
         else:
             p["callbacks"] = [{"class": "nnh.callbacks.ModelCheckpoint",
-                               "config": {"dirpath": str(target), "filename": "evil", "monitor": None,
-                                          "save_last": True},
+                               "config": {"dirpath": "../site-packages", "filename": "evil",
+                                          "monitor": None, "save_last": True},
                                "state": {"best_score": 0.0, "best_path": None, "saved": []}}]  # fmt: skip
 
-    h = NNHandler.load(str(hostile(tmp_path, edit)))
-    with pytest.raises(CheckpointError, match="came from a checkpoint file") as info:
-        h.train(1, progress_bar=False)
-    assert info.value.kind == "not_owned" and list(target.iterdir()) == []
+    path = hostile(tmp_path, edit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        h = NNHandler.load(str(path))
+    assert any("site-packages" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    h.train(1, progress_bar=False)
+    assert sorted(p.name for p in target.iterdir()) == ["victim.log"]
+    assert victim.read_text() == "precious"
 
 
 def test_file_names_with_folders_are_refused(tmp_path):
@@ -400,7 +474,6 @@ def test_loss_objects_survive_save_and_load_and_train(tmp_path, name):
         (lambda p: p["model"].pop("kwargs"), "model"),
         (lambda p: p.update(callbacks={"not": "a list"}), "callbacks"),
         (lambda p: p.update(train_state={"counters": {"epoch": "one"}}), "train_state"),
-        (lambda p: p["auto_saver"].update(interval="often"), "auto_saver"),
         (lambda p: p.update(rng={"torch": torch.zeros(3), "python": (1, 2)}), "rng"),
         (lambda p: p.update(history={"train_losses": 5}), "history"),
         (lambda p: p["callbacks"].append({"class": "nnh.callbacks.EpochTimer",
@@ -415,7 +488,7 @@ def test_loss_objects_survive_save_and_load_and_train(tmp_path, name):
 )
 def test_damaged_sections_are_named(tmp_path, edit, section):
     path = hostile(tmp_path, edit)
-    with pytest.raises(CheckpointError, match=re.escape(f"section '{section}'")) as info:
+    with pytest.raises(CheckpointError, match=rf"(section|record) '{re.escape(section)}") as info:
         NNHandler.load(str(path))
     assert info.value.kind == "damaged" and str(path) in str(info.value)
 
@@ -497,7 +570,7 @@ def test_hostile_files_do_not_change_a_good_file_loading(tmp_path):
 
 def test_standard_library_names_are_refused_without_importing_them(tmp_path):
     assert "this" not in sys.modules  # importing it prints the Zen of Python: an import side effect
-    path = hostile(tmp_path, lambda p: p.update(
+    path = own(tmp_path, lambda p: p.update(
         sampler={"class": "this.Sampler", "config": {}, "state": None}))  # fmt: skip
     with pytest.raises(CheckpointError, match="standard library") as info:
         NNHandler.load(str(path))

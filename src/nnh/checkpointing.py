@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -42,6 +43,8 @@ def load(
     skip_sampler_sde: bool = False,
     skip_ema: bool = False,
     trust_model_code: bool = False,
+    trusted: Sequence[Any] | None = None,
+    trust_modules: Sequence[str] | str | None = None,
 ) -> H:
     """``NNHandler.load(path, ...)``: a complete handler from a file :meth:`save` wrote."""
     return NNHandler.load(
@@ -55,6 +58,8 @@ def load(
         skip_sampler_sde=skip_sampler_sde,
         skip_ema=skip_ema,
         trust_model_code=trust_model_code,
+        trusted=trusted,
+        trust_modules=trust_modules,
     )
 
 

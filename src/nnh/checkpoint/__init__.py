@@ -66,6 +66,7 @@ from nnh.checkpoint.keys import (
     strip_wrapper_prefixes,
 )
 from nnh.checkpoint.safe_load import load_checkpoint, load_weights_file, to_flat_state_dict
+from nnh.checkpoint.signing import is_own, sign_record
 from nnh.checkpoint.source import capture_model_source, rebuild_class_from_source, resolve_class
 
 __all__ = [
@@ -90,6 +91,7 @@ __all__ = [
     "import_path",
     "import_record",
     "is_importable",
+    "is_own",
     "list_temp_files",
     "load_checkpoint",
     "load_model_state",
@@ -110,7 +112,11 @@ __all__ = [
 
 
 def save_checkpoint(
-    payload: Mapping[str, Any], path: str | os.PathLike[str], *, durable: bool = True
+    payload: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    durable: bool = True,
+    sign: bool = True,
 ) -> Path:
     """Add the nnh format header to ``payload`` and write it atomically to ``path``.
 
@@ -120,6 +126,8 @@ def save_checkpoint(
     checksums that :func:`load_checkpoint` verifies. Because those checksums cover the
     whole file, the zip CRC-32 that :func:`torch.save` adds to every record is not computed
     (:mod:`nnh.checkpoint.torch_file`); the file still loads with plain ``torch.load``.
+    With ``sign=True`` (the default) the seal carries a MAC under this user's key
+    (:mod:`nnh.checkpoint.signing`), so that loading recognises the file as the user's own.
 
     Example:
         >>> import tempfile, torch
@@ -130,4 +138,7 @@ def save_checkpoint(
     reserved = {FORMAT_KEY, VERSIONS_KEY, INTEGRITY_KEY} & set(payload)
     if reserved:
         raise ValueError(f"payload keys {sorted(reserved)} are reserved for the nnh header")
-    return atomic_save(seal({**make_header(), **payload}), path, durable=durable, crc32=False)
+    sealed = seal({**make_header(), **payload})
+    if sign:
+        sign_record(sealed[INTEGRITY_KEY])
+    return atomic_save(sealed, path, durable=durable, crc32=False)

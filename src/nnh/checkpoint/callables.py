@@ -34,7 +34,8 @@ from torch import nn
 
 from nnh.checkpoint.errors import CheckpointError
 from nnh.checkpoint.imports import import_path, is_importable
-from nnh.checkpoint.trust import resolve_class_record, resolve_function_record
+from nnh.checkpoint.policy import TrustPolicy
+from nnh.checkpoint.registry import check_arguments, lookup
 
 __all__ = ["NotRecordable", "callable_record", "is_plain", "restore_callable"]
 
@@ -144,65 +145,163 @@ def _accepted(cls: type, options: dict[str, Any], state: dict[str, Any]) -> dict
     return kwargs
 
 
-def _restore_module(rec: dict[str, Any], record: str, path: PathLike | None) -> nn.Module:
-    cls = resolve_class_record(rec.get("class"), nn.Module, record=record, path=path)
+def _registry_module(
+    cls: type, options: dict[str, Any], state: dict[str, Any], record: str, path: PathLike | None
+) -> nn.Module:
+    """Build a registry class from a file: only constructor options, schema-checked; the
+    state must fit the fresh module's own tensors."""
+    accepted = _accepted(cls, options, state)
+    kwargs = check_arguments(cls, accepted, record=f"{record}.options", source=path)
+    obj = cls(**kwargs)
+    if state:
+        own = obj.state_dict()
+        bad = [
+            k
+            for k, v in state.items()
+            if k not in own
+            or not isinstance(v, torch.Tensor)
+            or v.shape != own[k].shape
+            or (v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        ]
+        if bad:
+            raise CheckpointError(
+                f"{_where(path)}: record {record!r} is damaged: state {sorted(map(str, bad))[:5]} does not fit "
+                f"{cls.__name__} (unknown name, wrong shape or non-finite values)",
+                path=path,
+                kind="damaged",
+            )
+        obj.load_state_dict(state, strict=False)
+    return obj
+
+
+def _restore_module(
+    rec: dict[str, Any], record: str, path: PathLike | None, policy: TrustPolicy
+) -> nn.Module | None:
+    cls = policy.resolve(rec.get("class"), _slot(record), record=f"{record}.class")
+    if cls is None:
+        return None
+    if not isinstance(cls, type):
+        raise CheckpointError(
+            f"{_where(path)}: record {record!r}: {rec.get('class')!r} is a function, not a module class",
+            path=path,
+            kind="untrusted",
+        )
     options = rec.get("options") or {}
     state = rec.get("state_dict") or {}
     if not isinstance(options, dict) or not isinstance(state, dict):
         raise CheckpointError(
-            f"record {record!r} is damaged: 'options' and 'state_dict' must be dicts",
+            f"{_where(path)}: record {record!r} is damaged: 'options' and 'state_dict' must be dicts",
             path=path,
             kind="damaged",
         )
+    registered = lookup(rec.get("class"), _slot(record)) is not None
     try:
+        if registered:
+            return _registry_module(cls, options, state, record, path)
         obj = cls(**_accepted(cls, options, state))
-        for key, value in options.items():  # options the constructor does not take
-            if not _same(getattr(obj, key, _MISSING), value):
+        for key, value in options.items():  # user code the user vouched for
+            if (
+                isinstance(key, str)
+                and not key.startswith("__")
+                and not _same(getattr(obj, key, _MISSING), value)
+            ):
                 setattr(obj, key, value)
         if state:
             obj.load_state_dict(state, strict=False)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(
-            f"record {record!r}: rebuilding {cls.__module__}.{cls.__qualname__} from its saved "
-            f"options failed ({type(err).__name__}: {err}). What to do: set it again after "
-            "loading.",
+            f"{_where(path)}: record {record!r}: rebuilding {cls.__module__}.{cls.__qualname__} from its saved "
+            f"options failed ({type(err).__name__}: {str(err)[:200]}). What to do: set it again "
+            "after loading.",
             path=path,
             kind="mismatch",
         ) from err
     return obj
 
 
-def restore_callable(rec: Any, *, record: str, path: PathLike | None = None) -> Any:
-    """Rebuild a loss or metric from :func:`callable_record`'s data, type-checking every name.
+def _where(path: PathLike | None) -> str:
+    return "checkpoint" if path is None else f"checkpoint {os.fspath(path)!r}"
 
-    A bare string (what nnh 0.1 stored) is read as a function's import path.
+
+def _slot(record: str) -> str:
+    return "metric" if record.startswith("metric") else "loss"
+
+
+def _function(name: Any, record: str, path: PathLike | None, policy: TrustPolicy) -> Any:
+    fn = policy.resolve(name, _slot(record), record=f"{record}.function")
+    if fn is not None and isinstance(fn, type):
+        raise CheckpointError(
+            f"{_where(path)}: record {record!r}: {name!r} is a class; a function record must name a function",
+            path=path,
+            kind="untrusted",
+        )
+    return fn
+
+
+def restore_callable(
+    rec: Any,
+    *,
+    record: str,
+    path: PathLike | None = None,
+    policy: TrustPolicy | None = None,
+) -> Any:
+    """Rebuild a loss or metric from :func:`callable_record`'s data; ``None`` when the
+    policy drops it (user code nobody vouched for).
+
+    Registry entries (:mod:`nnh.checkpoint.registry`) are rebuilt with schema-checked
+    arguments only (a ``partial`` takes keywords of the function's own, plain data); user
+    code only when ``policy`` vouches for it. The default policy is a foreign file's:
+    the registry only. A bare string (what nnh 0.1 stored) is read as a function's import
+    path.
 
     Example:
         >>> restore_callable({"kind": "function", "function": "torch.nn.functional.l1_loss"},
         ...                  record="loss").__name__
         'l1_loss'
+        >>> restore_callable({"kind": "function", "function": "numpy.load"}, record="loss") is None
+        True
     """
+    policy = TrustPolicy.build(source=path) if policy is None else policy
     if isinstance(rec, str):
         rec = {"kind": "function", "function": rec}
     kind = rec.get("kind") if isinstance(rec, dict) else None
     if kind == "function":
-        return resolve_function_record(rec.get("function"), record=record, path=path)
+        return _function(rec.get("function"), record, path, policy)
     if kind == "partial":
-        fn = resolve_function_record(rec.get("function"), record=record, path=path)
+        fn = _function(rec.get("function"), record, path, policy)
+        if fn is None:
+            return None
         args, keywords = rec.get("args", []), rec.get("keywords", {})
         if not isinstance(args, list) or not isinstance(keywords, dict):
             raise CheckpointError(
-                f"record {record!r} is damaged: a partial needs a list of args and a dict of "
+                f"{_where(path)}: record {record!r} is damaged: a partial needs a list of args and a dict of "
                 "keywords",
+                path=path,
+                kind="damaged",
+            )
+        if lookup(rec.get("function"), _slot(record)) is not None:
+            if args:
+                raise CheckpointError(
+                    f"{_where(path)}: record {record!r} is damaged: a partial of a registry function takes "
+                    "keyword arguments only",
+                    path=path,
+                    kind="damaged",
+                )
+            keywords = check_arguments(fn, keywords, record=f"{record}.keywords", source=path, skip=2)
+        elif not (is_plain(args) and is_plain(keywords)):
+            raise CheckpointError(
+                f"{_where(path)}: record {record!r} is damaged: partial arguments must be plain data",
                 path=path,
                 kind="damaged",
             )
         return functools.partial(fn, *args, **keywords)
     if kind == "module":
-        return _restore_module(rec, record, path)
+        return _restore_module(rec, record, path, policy)
     raise CheckpointError(
-        f"record {record!r} is damaged: expected a function, partial or module record, got "
-        f"{rec!r:.80}. What to do: set it again after loading.",
+        f"{_where(path)}: record {record!r} is damaged: expected a function, partial or module record, got "
+        f"{str(rec)[:80]!r}. What to do: set it again after loading.",
         path=path,
         kind="damaged",
     )

@@ -2,13 +2,18 @@
 
 Paths stored in a checkpoint (``auto_saver.last_saved``, a ``ModelCheckpoint``'s
 ``best_path``) are data, not authority: a crafted file can point them at anything. Every
-handler therefore carries a random *run id*, written into each checkpoint it saves (a
-loaded handler continues the run of its file). Before nnh removes a file it wrote earlier,
+handler therefore carries a random *run id* of its own (:class:`RunId`), also when it was
+loaded from a file, and writes it into each checkpoint it saves. A file's claim of an id
+proves nothing by itself: only a file that is the user's own (its MAC verifies,
+:mod:`nnh.checkpoint.signing`) hands its run id and that run's ancestors to the loaded
+handler as its *lineage*, so that resuming your own run may still replace and prune that
+run's earlier files, while two processes loaded from the same file (each with its own id)
+never replace each other's. Before nnh removes a file it wrote earlier,
 :func:`remove_owned` checks that the file
 
 1. lies inside the folder the saver is configured to write to,
 2. is a regular file (not a symbolic link, a folder or a device), and
-3. is an nnh checkpoint carrying the same run id;
+3. is an nnh checkpoint carrying this run's id or one of its lineage;
 
 otherwise it is left alone. :func:`may_replace` applies the same ownership test before an
 automatic save writes over an existing file. Reading the run id maps the file instead of
@@ -38,6 +43,7 @@ from nnh.checkpoint.format import FORMAT_KEY
 
 __all__ = [
     "RUN_KEY",
+    "RunId",
     "folder_may_receive",
     "may_replace",
     "new_run_id",
@@ -47,6 +53,37 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 RUN_KEY = "run"
+
+
+class RunId(str):
+    """A run id (the string written into files) with the ids it may act for: itself and
+    its ``lineage`` (the runs of the user's own file it was loaded from, and theirs).
+
+    Example:
+        >>> rid = RunId("b" * 32, lineage=["a" * 32])
+        >>> sorted(owner_ids(rid)) == ["a" * 32, "b" * 32], str(rid) == "b" * 32
+        (True, True)
+    """
+
+    lineage: frozenset[str]
+
+    def __new__(cls, value: str, lineage: object = ()) -> RunId:
+        obj = super().__new__(cls, value)
+        obj.lineage = frozenset(x for x in lineage if isinstance(x, str) and x)  # type: ignore[attr-defined]
+        return obj
+
+    def __reduce__(self) -> tuple:  # pickles (and copies) as itself, never as a plain str
+        return (RunId, (str(self), tuple(self.lineage)))
+
+
+def owner_ids(run_id: str | RunId) -> frozenset[str]:
+    """The ids whose files ``run_id`` may replace or delete: itself and its lineage.
+
+    Example:
+        >>> owner_ids("abc")
+        frozenset({'abc'})
+    """
+    return frozenset({str(run_id)}) | getattr(run_id, "lineage", frozenset())
 
 
 def new_run_id() -> str:
@@ -116,7 +153,7 @@ def owned(path: PathLike, *, folder: PathLike, run_id: str) -> bool:
         bool(run_id)
         and _regular_file(file)
         and _inside(file, Path(folder))
-        and read_run_id(file) == run_id
+        and read_run_id(file) in owner_ids(run_id)
     )
 
 
@@ -155,7 +192,7 @@ def may_replace(path: PathLike, *, run_id: str) -> bool:
     file = Path(path)
     if not os.path.lexists(file):
         return True
-    return _regular_file(file) and read_run_id(file) == run_id
+    return _regular_file(file) and read_run_id(file) in owner_ids(run_id)
 
 
 def folder_may_receive(folder: PathLike, *, run_id: str) -> bool:
@@ -179,4 +216,5 @@ def folder_may_receive(folder: PathLike, *, run_id: str) -> bool:
         entries = [e for e in path.iterdir() if e.suffix == ".pth"]
     except OSError:
         return False
-    return any(read_run_id(e) == run_id for e in entries[:1000])
+    ids = owner_ids(run_id)
+    return any(read_run_id(e) in ids for e in entries[:1000])

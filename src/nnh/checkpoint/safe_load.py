@@ -15,6 +15,7 @@ import pickle
 import pickletools
 import re
 import stat
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 
 from nnh.checkpoint.errors import CheckpointError
 from nnh.checkpoint.format import FIRST_SEALED_VERSION, check_header, format_version, has_header
-from nnh.checkpoint.integrity import verify
+from nnh.checkpoint.integrity import INTEGRITY_KEY, verify
 
 __all__ = ["load_checkpoint", "load_weights_file", "to_flat_state_dict"]
 
@@ -160,9 +161,19 @@ def _corrupt(path: Path, detail: str) -> CheckpointError:
     )
 
 
+def _exists(name: str) -> bool:
+    """Whether the global ``name`` exists in an already imported module (imports nothing):
+    a name that exists nowhere is damage, not a planted object."""
+    module, _, attr = name.rpartition(".")
+    found = sys.modules.get(module)
+    return found is not None and hasattr(found, attr)
+
+
 def _classify_unpickling(path: Path, err: BaseException) -> CheckpointError:
     message = str(err)
     named = _GLOBAL_RE.findall(message)
+    if named and not any(_exists(n) for n in named):
+        return _corrupt(path, f"it refers to {named[0][:80]!r}, which exists nowhere")
     if named:
         return _unsafe(path, list(dict.fromkeys(named)))
     if _head(path)[:1] == bytes([_PICKLE_PROTO]):
@@ -201,6 +212,44 @@ def _torch_load(path: Path, map_location: MapLocation, mmap: bool) -> Any:
             raise _unreadable(path, err) from None
         # e.g. EINVAL: torch seeks past the end of a truncated zip archive
         raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+    except (Exception, RecursionError) as err:  # e.g. AttributeError from a damaged opcode
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from None
+
+
+#: Deepest nesting of containers a checkpoint may have (a genuine one stays under 20).
+MAX_DEPTH = 100
+
+
+def check_depth(payload: Any, path: PathLike | None = None, limit: int = MAX_DEPTH) -> None:
+    """Raise :class:`CheckpointError` (kind ``"damaged"``) when containers in ``payload``
+    nest deeper than ``limit``; iterative, so a 100,000-deep list cannot exhaust the stack.
+
+    Example:
+        >>> deep = []; x = deep
+        >>> for _ in range(500):
+        ...     x.append([]); x = x[0]
+        >>> try:
+        ...     check_depth(deep)
+        ... except CheckpointError as err:
+        ...     print(err.kind)
+        damaged
+    """
+    stack: list[tuple[Any, int]] = [(payload, 0)]
+    while stack:
+        obj, depth = stack.pop()
+        if depth > limit:
+            where = "checkpoint" if path is None else f"checkpoint {os.fspath(path)!r}"
+            raise CheckpointError(
+                f"{where} nests lists or dicts more than {limit} levels deep; no checkpoint "
+                "nnh writes does. The file was crafted or damaged; nnh used none of it. What "
+                "to do: use a checkpoint written by NNHandler.save.",
+                path=path,
+                kind="damaged",
+            )
+        if isinstance(obj, Mapping) and not isinstance(obj, torch.Tensor):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, depth + 1) for v in obj)
 
 
 def load_checkpoint(
@@ -234,9 +283,13 @@ def load_checkpoint(
     file = Path(path)
     _check_is_readable_file(file)
     payload = _torch_load(file, map_location, mmap)
+    check_depth(payload, file)
     if require_header or has_header(payload):
+        sealed = isinstance(payload, Mapping) and isinstance(payload.get(INTEGRITY_KEY), Mapping)
+        if sealed:  # verified first: a damaged header is damage, not a newer format
+            verify(payload, file)
         check_header(payload, file)
-        if format_version(payload) >= FIRST_SEALED_VERSION:
+        if not sealed and format_version(payload) >= FIRST_SEALED_VERSION:
             verify(payload, file)
     elif not isinstance(payload, dict):
         raise CheckpointError(

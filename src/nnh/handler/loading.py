@@ -1,18 +1,28 @@
-"""Rebuilding a handler from a checkpoint, treating the file as data from a stranger.
+"""Rebuilding a handler from a checkpoint: a file selects, it never supplies code or authority.
 
 :func:`load_handler` is what ``NNHandler.load`` runs. In order, before anything named in the
 file is called:
 
-1. the file is read with ``weights_only=True`` and its checksums are verified
-   (:func:`nnh.checkpoint.load_checkpoint`);
-2. every section is checked for its expected shape (:mod:`nnh.checkpoint.schema`);
-3. every class and function the file names is resolved and type-checked against its slot
-   (:mod:`nnh.checkpoint.trust`): the model (``nn.Module``), optimizer, scheduler,
-   callbacks, SDE, sampler, loss and metrics (functions or ``nn.Module`` objects).
+1. the file is read with ``weights_only=True``, its nesting depth bounded and its checksums
+   verified (:func:`nnh.checkpoint.load_checkpoint`); its MAC tells whether it is the user's
+   own (:mod:`nnh.checkpoint.signing`);
+2. every section is checked for its expected shape (:mod:`nnh.checkpoint.schema`) and its
+   values for range (:mod:`nnh.checkpoint.sections`);
+3. every class and function the file names is looked up in nnh's closed registry or, when
+   the user vouches for it (own file, ``trusted=[...]``, ``trust_modules=(...)``), imported
+   and type-checked (:mod:`nnh.checkpoint.policy`); anything else is dropped with one
+   warning. Arguments of registry entries are checked against their schema
+   (:mod:`nnh.checkpoint.registry`);
+4. paths the file stores (loggers, checkpoint folders, the log file) are confined to the
+   working folder unless the file is the user's own (:mod:`nnh.checkpoint.confine`);
+   ``torch.compile`` and loader options come from allowlists (:mod:`nnh.checkpoint.options`);
+5. the model is built on the meta device and checked against the weights' shapes before any
+   allocation (:mod:`nnh.checkpoint.shapes`).
 
-Only then is the handler constructed and its state restored. Paths stored in the file are
-never acted on directly: deleting or replacing files goes through
-:mod:`nnh.checkpoint.ownership`.
+Only then is the handler constructed and its state restored. The loaded handler gets a run
+id of its own; only an own file hands it the authority to replace its run's earlier files
+(:mod:`nnh.checkpoint.ownership`). Every failure is a :class:`CheckpointError` naming the
+file and the record.
 """
 
 from __future__ import annotations
@@ -28,7 +38,6 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from nnh.callbacks.base import Callback
 from nnh.checkpoint import (
     CheckpointError,
     ImportPathError,
@@ -38,8 +47,25 @@ from nnh.checkpoint import (
     strip_wrapper_prefixes,
 )
 from nnh.checkpoint.callables import restore_callable
+from nnh.checkpoint.confine import confine_auto_saver, confine_callback_config
+from nnh.checkpoint.integrity import INTEGRITY_KEY
+from nnh.checkpoint.options import compile_options, loader_options
+from nnh.checkpoint.ownership import RunId, new_run_id
+from nnh.checkpoint.policy import TrustPolicy
+from nnh.checkpoint.registry import check_arguments, check_name_pattern
 from nnh.checkpoint.schema import check_handler_payload
-from nnh.checkpoint.trust import resolve_class_record
+from nnh.checkpoint.sections import (
+    check_counters,
+    check_dense,
+    check_optimizer_state,
+    check_resume,
+    check_rng_state,
+    check_scheduler_state,
+    check_tensor_dict,
+    clean_train_options,
+    ensemble_size_from_weights,
+)
+from nnh.checkpoint.signing import is_own
 from nnh.core.tree import flat_td
 from nnh.handler.logs import logging_options
 from nnh.handler.persistence import restore_rng
@@ -57,7 +83,7 @@ SCHEDULER_BASES: tuple[type, ...] = (
 
 @attrs.define
 class _Resolved:
-    """Everything a checkpoint names, resolved and type-checked; ``None`` = set it again."""
+    """Everything a checkpoint names, resolved and checked; ``None`` = set it again."""
 
     model: type[nn.Module]
     optimizer: type[torch.optim.Optimizer] | None = None
@@ -68,27 +94,30 @@ class _Resolved:
     sde: tuple[type, dict[str, Any]] | None = None
     sampler: tuple[type, dict[str, Any]] | None = None
     messages: list[str] = attrs.Factory(list)
+    own: bool = False
 
 
 def resolve_model_class(
-    record: dict[str, Any], path: str, trust_model_code: bool
+    record: dict[str, Any], path: str, trust_model_code: bool, policy: TrustPolicy | None = None
 ) -> type[nn.Module]:
-    """The model class of a checkpoint: by import path, else (opt-in) from stored source.
-
-    Either way it must be an ``nn.Module`` subclass.
+    """The model class of a checkpoint: by import path under the policy's rules (an
+    ``nn.Module`` subclass, no standard-library, private or ``__main__``-segment path), else
+    (opt-in) from stored source.
 
     Example:
         >>> resolve_model_class({"class": "torch.nn.Linear"}, "run.pth", False).__name__
         'Linear'
     """
+    policy = TrustPolicy.build(source=path) if policy is None else policy
     try:
-        return resolve_class_record(record["class"], nn.Module, record="model.class", path=path)
+        return policy.model_class(record["class"])
     except ImportPathError as err:
         if record.get("source") is None:
             raise CheckpointError(
-                f"{path}: the model class {record['class']!r} cannot be imported ({err}); make "
-                "its module importable (install the package or add it to sys.path), or pass it "
-                "explicitly with NNHandler.initialize_from_checkpoint(path, model_class=...)",
+                f"{path}: the model class {str(record['class'])[:100]!r} cannot be imported "
+                f"({err}); make its module importable (install the package or add it to "
+                "sys.path), or pass it explicitly with "
+                "NNHandler.initialize_from_checkpoint(path, model_class=...)",
                 path=path,
                 kind="not_importable",
             ) from err
@@ -111,90 +140,151 @@ def resolve_model_class(
 
 
 def _optional_class(
-    resolved: _Resolved, name: Any, base: Any, record: str, what: str, path: str
+    resolved: _Resolved, policy: TrustPolicy, name: Any, slot: str, record: str, what: str
 ) -> type | None:
-    """Resolve an optional part; an untrusted name raises, a missing one means 'set it again'."""
+    """Resolve an optional part; ``None`` (set it again) when not saved, dropped or gone."""
     if name is None:
         resolved.messages.append(
             f"{what} was not saved (not importable): set it again after loading"
         )
         return None
     try:
-        return resolve_class_record(name, base, record=record, path=path)
+        return policy.resolve(name, slot, record=record)
     except ImportPathError as err:
         resolved.messages.append(
-            f"{what} {name!r} cannot be imported ({err}): set it again after loading"
+            f"{what} {str(name)[:100]!r} cannot be imported ({err}): set it again after loading"
         )
         return None
 
 
-def _optional_callable(resolved: _Resolved, rec: Any, record: str, what: str, path: str) -> Any:
+def _optional_callable(
+    resolved: _Resolved, policy: TrustPolicy, rec: Any, record: str, what: str, path: str
+) -> Any:
     if rec is None:
         resolved.messages.append(
             f"{what} was not saved (not importable): set it again after loading"
         )
         return None
     try:
-        return restore_callable(rec, record=record, path=path)
+        return restore_callable(rec, record=record, path=path, policy=policy)
     except ImportPathError as err:
         resolved.messages.append(f"{what} cannot be imported ({err}): set it again after loading")
         return None
     except CheckpointError as err:
-        if err.kind == "untrusted":
+        if err.kind in ("untrusted", "damaged"):
             raise
         resolved.messages.append(f"{what}: {err}")
         return None
 
 
-def _component_kwargs(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rec["config"].items() if k != "class"}
+def _safe_name(name: Any) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 64 and name.replace("_", "a").replace(
+        "-", "a"
+    ).replace(".", "a").isalnum()
 
 
 def resolve_payload(
-    payload: dict[str, Any], path: str, *, trust_model_code: bool, skip: dict[str, bool]
+    payload: dict[str, Any],
+    path: str,
+    *,
+    trust_model_code: bool,
+    skip: dict[str, bool],
+    policy: TrustPolicy | None = None,
 ) -> _Resolved:
-    """Resolve and type-check every name the checkpoint holds, calling none of them."""
-    from nnh.generative.sampler import Sampler
-    from nnh.generative.sde import SDE
-
-    r = _Resolved(model=resolve_model_class(payload["model"], path, trust_model_code))
+    """Resolve and check every name the checkpoint holds, calling none of them."""
+    policy = TrustPolicy.build(source=path) if policy is None else policy
+    r = _Resolved(
+        model=resolve_model_class(payload["model"], path, trust_model_code, policy),
+        own=policy.own,
+    )
     if payload.get("optimizer"):
-        r.optimizer = resolve_class_record(
-            payload["optimizer"]["class"],
-            torch.optim.Optimizer,
-            record="optimizer.class",
-            path=path,
+        r.optimizer = policy.resolve(
+            payload["optimizer"]["class"], "optimizer", record="optimizer.class"
         )
     if payload.get("scheduler") and not skip["scheduler"]:
         r.scheduler = _optional_class(
-            r,
-            payload["scheduler"]["class"],
-            SCHEDULER_BASES,
-            "scheduler.class",
-            "the scheduler",
-            path,
+            r, policy, payload["scheduler"]["class"], "scheduler", "scheduler.class", "the scheduler"
         )
     if payload.get("loss"):
-        r.loss = _optional_callable(r, payload["loss"]["fn"], "loss.fn", "the loss function", path)
+        r.loss = _optional_callable(r, policy, payload["loss"]["fn"], "loss.fn", "the loss function", path)
     for name, rec in (payload.get("metrics") or {}).items():
-        fn = _optional_callable(r, rec, f"metrics[{name!r}]", f"metric {name!r}", path)
+        if not _safe_name(name):
+            raise CheckpointError(
+                f"checkpoint {path!r}: a metric name {str(name)[:40]!r} is not a short name of "
+                "letters, digits, '_', '-' and '.'. The file was crafted; nnh used none of it.",
+                path=path,
+                kind="damaged",
+            )
+        fn = _optional_callable(r, policy, rec, f"metrics[{name!r}]", f"metric {name!r}", path)
         if fn is not None:
             r.metrics[name] = fn
     if not skip["callbacks"]:
         for i, rec in enumerate(payload.get("callbacks") or []):
             cls = _optional_class(
-                r, rec["class"], Callback, f"callbacks[{i}].class", "a callback", path
+                r, policy, rec["class"], "callback", f"callbacks[{i}].class", "a callback"
             )
             if cls is not None:
                 r.callbacks.append((cls, rec))
     if not skip["sampler_sde"]:
-        for key, base in (("sde", SDE), ("sampler", Sampler)):
+        for key in ("sde", "sampler"):
             rec = payload.get(key)
             if rec:
-                cls = _optional_class(r, rec["class"], base, f"{key}.class", f"the {key}", path)
+                cls = _optional_class(r, policy, rec["class"], key, f"{key}.class", f"the {key}")
                 if cls is not None:
                     setattr(r, key, (cls, rec))
+    dropped = policy.dropped_message()
+    if dropped:
+        r.messages.append(dropped)
     return r
+
+
+def _sanitize(payload: dict[str, Any], path: str, own: bool, messages: list[str]) -> None:
+    """Confine paths (unless ``own``), apply option allowlists and range checks, in place."""
+    model = payload["model"]
+    if model.get("compile") is not None:
+        model["compile"], notes = compile_options(model["compile"], source=path)
+        messages.extend(notes)
+    data = payload.get("data") or {}
+    for which in ("train", "val"):
+        rec = data.get(which)
+        if rec is not None:
+            rec["loader_kwargs"], notes = loader_options(
+                rec.get("loader_kwargs", {}), which=which, source=path
+            )
+            messages.extend(notes)
+    saver = payload.get("auto_saver")
+    if saver:
+        if not own:
+            saver, notes = confine_auto_saver(saver, source=path)
+            messages.extend(notes)
+        if saver.get("name") is not None and not check_name_pattern(saver["name"]):
+            raise CheckpointError(
+                f"checkpoint {path!r}: record 'auto_saver.name' is not a file-name pattern of "
+                "plain {field} or {field:spec} fields. The file was crafted; nnh used none of it.",
+                path=path,
+                kind="damaged",
+            )
+        payload["auto_saver"] = saver
+    payload["last_train_kwargs"], notes = clean_train_options(payload.get("last_train_kwargs"), path)
+    messages.extend(notes)
+    state = payload.get("train_state")
+    if state is not None:
+        check_counters(state.get("counters") or {}, path)
+    for key in ("seed", "target_epoch"):
+        value = payload.get(key)
+        if value is not None and not (0 <= value <= 2**63 - 1):
+            raise CheckpointError(
+                f"checkpoint {path!r}: record {key!r} is {value!r:.30}, out of range",
+                path=path,
+                kind="damaged",
+            )
+    if not check_rng_state(payload["rng"]):
+        raise CheckpointError(
+            f"checkpoint {path!r}: record 'rng' is not an RNG state. The file was damaged or "
+            "crafted; nnh used none of it.",
+            path=path,
+            kind="damaged",
+        )
 
 
 def load_handler(
@@ -210,35 +300,46 @@ def load_handler(
     skip_sampler_sde: bool,
     skip_ema: bool,
     trust_model_code: bool,
+    trusted: Any = None,
+    trust_modules: Any = None,
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
     from nnh.handler.nnhandler import _CHECKPOINT_TENSORS
 
     payload = load_checkpoint(path, map_location="cpu")
     check_handler_payload(payload, path)
+    own = is_own(payload.get(INTEGRITY_KEY))
+    policy = TrustPolicy.build(
+        source=str(path), own=own, trusted=trusted, trust_modules=trust_modules
+    )
     skip = {
         "scheduler": skip_scheduler,
         "callbacks": skip_callbacks,
         "sampler_sde": skip_sampler_sde,
     }
-    resolved = resolve_payload(payload, str(path), trust_model_code=trust_model_code, skip=skip)
+    resolved = resolve_payload(
+        payload, str(path), trust_model_code=trust_model_code, skip=skip, policy=policy
+    )
+    _sanitize(payload, str(path), own, resolved.messages)
     model = payload["model"]
     weights = strip_wrapper_prefixes(payload["model_state_dict"])
+    check_dense(weights, str(path), "model_state_dict")
     payload["model_state_dict"] = weights
+    ensemble_size = ensemble_size_from_weights(weights, payload.get("ensemble"), str(path))
     with _section(str(path), "logging"):
-        log_options = logging_options(payload.get("logging"), str(path))
-    token = _CHECKPOINT_TENSORS.set(frozenset(weights))
-    ensemble = payload.get("ensemble")
+        log_options = logging_options(payload.get("logging"), str(path), confine=not own)
+    token = _CHECKPOINT_TENSORS.set((weights, str(path)))
     try:
-        handler = handler_class(
-            resolved.model,
-            device=torch.device(device) if device is not None else "cpu",
-            model_type=model["type"],
-            save_model_code=model.get("source") is not None,
-            ensemble_size=None if ensemble is None else ensemble["size"],
-            **log_options,
-            **model["kwargs"],
-        )
+        with _section(str(path), "model"):
+            handler = handler_class(
+                resolved.model,
+                device=torch.device(device) if device is not None else "cpu",
+                model_type=model["type"],
+                save_model_code=model.get("source") is not None,
+                ensemble_size=ensemble_size,
+                **log_options,
+                **model["kwargs"],
+            )
     finally:
         _CHECKPOINT_TENSORS.reset(token)
     apply_payload(
@@ -252,7 +353,7 @@ def load_handler(
         skip_ema=skip_ema,
     )
     handler._dist.barrier()
-    handler._log(f"loaded {path} (epoch {handler._state.epoch if handler._state else 0})")
+    handler._log(f"loaded {path!r} (epoch {handler._state.epoch if handler._state else 0})")
     return handler
 
 
@@ -263,12 +364,12 @@ def _section(path: str, name: str) -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RuntimeError) as err:
+    except (Exception, RecursionError) as err:
         raise CheckpointError(
             f"checkpoint {path!r}: section {name!r} could not be restored ({type(err).__name__}: "
-            f"{err}). The file was damaged or edited, or written by incompatible code. What to "
-            "do: use an intact copy, or load with the matching skip_* flag and set that part "
-            "again.",
+            f"{str(err)[:300]}). The file was damaged or edited, or written by incompatible "
+            "code. What to do: use an intact copy, or load with the matching skip_* flag and "
+            "set that part again.",
             path=path,
             kind="damaged",
         ) from err
@@ -305,15 +406,72 @@ def _restore_model(h: NNHandler, payload: dict[str, Any], path: str, strict_load
             h.keep_eval_on_module(submodules[name])
 
 
-def _restore_objective(h: NNHandler, payload: dict[str, Any], resolved: _Resolved) -> None:
+def _restore_objective(
+    h: NNHandler, payload: dict[str, Any], path: str, resolved: _Resolved
+) -> None:
     if payload.get("loss") and resolved.loss is not None:
-        h.set_loss_fn(
-            resolved.loss,
-            pass_epoch_to_loss=payload["loss"]["pass_epoch"],
-            **payload["loss"]["kwargs"],
-        )
+        kwargs = payload["loss"]["kwargs"]
+        fn = resolved.loss
+        base = getattr(fn, "func", fn)  # a partial's function
+        if kwargs and base in _registry_functions():
+            kwargs = check_arguments(base, kwargs, record="loss.kwargs", source=path, skip=2)
+        elif kwargs and lookup_path(type(fn), "loss") is not None:
+            raise CheckpointError(
+                f"checkpoint {path!r}: record 'loss.kwargs' gives call arguments to the loss "
+                f"module {type(fn).__name__}, which takes none; nnh used none of it.",
+                path=path,
+                kind="damaged",
+            )
+        with _section(path, "loss"):
+            h.set_loss_fn(fn, pass_epoch_to_loss=payload["loss"]["pass_epoch"], **kwargs)
     for name, fn in resolved.metrics.items():
-        h.add_metric(name, fn)
+        with _section(path, f"metrics[{name!r}]"):
+            h.add_metric(name, fn)
+
+
+def _registry_functions() -> set[Any]:
+    from nnh.checkpoint.registry import entries
+
+    return {v for v in entries()["loss"].values() if not isinstance(v, type)}
+
+
+def _optimizer_kwargs(cls: type, kwargs: dict[str, Any], path: str) -> dict[str, Any]:
+    """Schema-check a registry optimizer's options, including named parameter groups."""
+    if lookup_path(cls, "optimizer") is None:
+        return kwargs
+    kwargs = dict(kwargs)
+    groups = kwargs.pop("params", None)
+    out = check_arguments(cls, kwargs, record="optimizer.kwargs", source=path, skip=1)
+    if groups is not None:
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise CheckpointError(
+                f"checkpoint {path!r}: record 'optimizer.kwargs.params' is not a list of groups",
+                path=path,
+                kind="damaged",
+            )
+        checked = []
+        for i, group in enumerate(groups):
+            group = dict(group)
+            names = group.pop("params", [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise CheckpointError(
+                    f"checkpoint {path!r}: record 'optimizer.kwargs.params[{i}]' does not list "
+                    "parameter names",
+                    path=path,
+                    kind="damaged",
+                )
+            group = check_arguments(
+                cls, group, record=f"optimizer.kwargs.params[{i}]", source=path, skip=1
+            )
+            checked.append({"params": names, **group})
+        out["params"] = checked
+    return out
+
+
+def lookup_path(cls: Any, slot: str) -> str | None:
+    from nnh.checkpoint.registry import registry_path
+
+    return registry_path(cls, slot)
 
 
 def _restore_optimization(
@@ -321,44 +479,103 @@ def _restore_optimization(
 ) -> None:
     if resolved.optimizer is not None:
         rec = payload["optimizer"]
+        kwargs = _optimizer_kwargs(resolved.optimizer, rec["kwargs"], path)
         with _section(path, "optimizer"):
-            h.set_optimizer(resolved.optimizer, **rec["kwargs"])  # fresh when skipped
+            h.set_optimizer(resolved.optimizer, **kwargs)  # fresh when skipped
         if not skip_optimizer:
+            optimizer = h._adapter.optimizer
+            check_optimizer_state(rec["state_dict"], optimizer.state_dict(), path)
             try:
-                h._adapter.optimizer.load_state_dict(rec["state_dict"])
-            except (ValueError, KeyError, TypeError) as err:
+                optimizer.load_state_dict(rec["state_dict"])
+            except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
                 raise CheckpointError(
-                    f"{path}: the optimizer state does not fit the model ({err}); "
+                    f"{path}: the optimizer state does not fit the model ({str(err)[:200]}); "
                     "load with skip_optimizer=True to start the optimizer afresh",
                     path=path,
                     kind="mismatch",
                 ) from err
     if resolved.scheduler is not None and h._adapter is not None:
         rec = payload["scheduler"]
+        kwargs = rec["kwargs"]
+        if lookup_path(resolved.scheduler, "scheduler") is not None:
+            kwargs = check_arguments(
+                resolved.scheduler, kwargs, record="scheduler.kwargs", source=path, skip=1
+            )
         with _section(path, "scheduler"):
-            h.set_scheduler(resolved.scheduler, **rec["kwargs"])
+            h.set_scheduler(resolved.scheduler, **kwargs)
+        check_scheduler_state(rec["state_dict"], h._scheduler.state_dict(), path)
+        with _section(path, "scheduler"):
             h._scheduler.load_state_dict(rec["state_dict"])
 
 
 def _restore_components(h: NNHandler, path: str, resolved: _Resolved) -> None:
     for i, (cls, rec) in enumerate(resolved.callbacks):
+        config = rec["config"]
+        if lookup_path(cls, "callback") is not None:
+            if not resolved.own:
+                config, notes = confine_callback_config(
+                    cls, config, record=f"callbacks[{i}].config", source=path
+                )
+                resolved.messages.extend(notes)
+                if config is None:
+                    continue
+            config = check_arguments(cls, config, record=f"callbacks[{i}].config", source=path)
         with _section(path, f"callbacks[{i}]"):
             try:
-                cb = cls(**rec["config"])
+                cb = cls(**config)
             except ImportError as err:  # e.g. TensorBoardLogger without tensorboard installed
-                resolved.messages.append(f"callback {rec['class']} skipped: {err}")
+                resolved.messages.append(f"callback {cls.__name__} skipped: {err}")
                 continue
-            cb.load_state_dict(rec.get("state") or {})
+            state = rec.get("state") or {}
+            _check_callback_state(state, path, i)
+            cb.load_state_dict(state)
             h.add_callback(cb)
     for key in ("sde", "sampler"):
         found = getattr(resolved, key)
         if found is not None:
             cls, rec = found
+            kwargs = _component_kwargs(rec)
+            if lookup_path(cls, key) is not None:
+                kwargs = check_arguments(cls, kwargs, record=f"{key}.config", source=path)
             with _section(path, key):
-                obj = cls(**_component_kwargs(rec))
+                obj = cls(**kwargs)
                 if rec.get("state") is not None and hasattr(obj, "load_state_dict"):
                     obj.load_state_dict(rec["state"])
                 setattr(h, key, obj)  # the sampler setter attaches it to the handler
+
+
+def _component_kwargs(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec["config"].items() if k != "class"}
+
+
+def _check_callback_state(state: Any, path: str, i: int) -> None:
+    """A callback's state holds plain values and finite tensors (e.g. EarlyStopping's best
+    weights, which it would put back into the model)."""
+    stack = [state]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ):
+            raise CheckpointError(
+                    f"checkpoint {path!r}: record 'callbacks[{i}].state' holds NaN or inf "
+                    "tensors; nnh used none of it.",
+                    path=path,
+                    kind="damaged",
+                )
+
+
+def _model_shapes(h: NNHandler) -> dict[str, torch.Size]:
+    module = h.module
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    shapes.update({n: b.shape for n, b in module.named_buffers()})
+    return shapes
 
 
 def apply_payload(
@@ -382,7 +599,7 @@ def apply_payload(
     for which in ("train", "val"):
         with _section(path, f"data.{which}"):
             _restore_loader(h, which, data.get(which))
-    _restore_objective(h, payload, resolved)
+    _restore_objective(h, payload, path, resolved)
     _restore_optimization(h, payload, path, resolved, skip_optimizer)
     if not skip_history:
         with _section(path, "history"):
@@ -393,21 +610,35 @@ def apply_payload(
     with _section(path, "auto_saver"):
         h._auto_saver = AutoSaver.from_state_dict(payload.get("auto_saver") or {})
     with _section(path, "loss_scaler"):
-        h._loss_scaler_config = LossScaler(**(payload.get("loss_scaler") or {}))
+        scaler = check_arguments(
+            LossScaler, payload.get("loss_scaler") or {}, record="loss_scaler", source=path
+        )
+        h._loss_scaler_config = LossScaler(**scaler)
     h._seed = payload.get("seed")
     h._last_train_kwargs = payload.get("last_train_kwargs")
-    resume = payload.get("resume")
+    loader = h._train_loader
+    with _section(path, "resume"):
+        batches = len(loader) if loader is not None else None
+    resume = check_resume(payload.get("resume"), batches, path)
     h._target_epoch = payload.get("target_epoch") or (resume or {}).get("target_epoch") or 0
-    run = payload.get("run")
-    if run:
-        h._run_id = run["id"]  # a loaded handler continues the run of its file
+    run = payload.get("run") or {}
+    # every process gets a run id of its own; only the user's own file hands over the
+    # authority to manage its run's earlier files
+    lineage: list[Any] = []
+    if resolved.own and isinstance(run.get("id"), str):
+        lineage = [run["id"], *[x for x in run.get("lineage") or [] if isinstance(x, str)]]
+    h._run_id = RunId(new_run_id(), lineage=lineage[:64])
     if not skip_history and h._history.train_losses:
         with _section(path, "run.resumed_at"):
-            earlier = [int(e) for e in (run or {}).get("resumed_at") or []]
+            earlier = [int(e) for e in run.get("resumed_at") or []][:10_000]
             h._history.resumed_at = [*earlier, len(h._history.train_losses)]
     with _section(path, "train_state"):
         _restore_train_state(
-            h, payload.get("train_state"), skip_ema=skip_ema, skip_optimizer=skip_optimizer
+            h,
+            payload.get("train_state"),
+            path,
+            skip_ema=skip_ema,
+            skip_optimizer=skip_optimizer,
         )
     compile_kwargs = payload["model"].get("compile")
     if compile_kwargs is not None:
@@ -420,6 +651,9 @@ def apply_payload(
         _report(h, message)
 
 
+_MAX_DATA_TENSORS = 16
+
+
 def _restore_loader(h: NNHandler, which: str, record: dict[str, Any] | None) -> None:
     if record is None:
         return
@@ -429,24 +663,59 @@ def _restore_loader(h: NNHandler, which: str, record: dict[str, Any] | None) -> 
         g.set_state(record["generator_state"])
         kwargs["generator"] = g
     if "tensors" in record:
-        dataset: Any = TensorDataset(*record["tensors"])
+        tensors = record["tensors"]
+        if (
+            not isinstance(tensors, (list, tuple))
+            or not 1 <= len(tensors) <= _MAX_DATA_TENSORS
+            or not all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in tensors)
+            or len({t.shape[0] for t in tensors}) != 1
+            or tensors[0].shape[0] == 0
+        ):
+            raise ValueError("the embedded dataset is not 1 to 16 tensors of one non-zero length")
+        check_dense({str(i): t for i, t in enumerate(tensors)}, None, f"data.{which}.tensors")
+        dataset: Any = TensorDataset(*tensors)
         if "indices" in record:
-            dataset = Subset(dataset, record["indices"].tolist())
+            indices = record["indices"]
+            n = tensors[0].shape[0]
+            if (
+                not isinstance(indices, torch.Tensor)
+                or indices.is_floating_point()
+                or indices.ndim != 1
+                or indices.numel() == 0
+                or int(indices.min()) < 0
+                or int(indices.max()) >= n
+            ):
+                raise ValueError(f"the embedded subset's indices are not positions in 0..{n - 1}")
+            dataset = Subset(dataset, indices.tolist())
         getattr(h, f"set_{which}_loader")(dataset, **kwargs)
     else:
         h._log(
-            f"the {which} dataset ({record.get('dataset_class')}) is not stored in checkpoints: "
-            f"call set_{which}_loader again",
+            f"the {which} dataset ({str(record.get('dataset_class'))[:100]!r}) is not stored in "
+            f"checkpoints: call set_{which}_loader again",
             logging.INFO,
         )
 
 
 def _restore_train_state(
-    h: NNHandler, rec: dict[str, Any] | None, *, skip_ema: bool, skip_optimizer: bool
+    h: NNHandler, rec: dict[str, Any] | None, path: str, *, skip_ema: bool, skip_optimizer: bool
 ) -> None:
     if rec is None or h._adapter is None:
         return
     from nnh.core import TrainState, init_train_state
+
+    shapes = _model_shapes(h)
+    params = {n: p.shape for n, p in h.module.named_parameters()}
+    check_tensor_dict(rec.get("ema"), shapes, path, "train_state.ema")
+    check_tensor_dict(rec.get("grads"), params, path, "train_state.grads")
+    scaler = rec.get("scaler")
+    if scaler is not None:
+        check_tensor_dict(scaler, {k: v.shape for k, v in scaler.items()}, path, "train_state.scaler")
+        if any(v.numel() > 1 for v in scaler.values()):
+            raise CheckpointError(
+                f"checkpoint {path!r}: record 'train_state.scaler' is not a loss-scaler state",
+                path=path,
+                kind="damaged",
+            )
 
     state = init_train_state(h.module, h._adapter)
     known = {f.name for f in attrs.fields(TrainState) if f.type in ("int", int)}

@@ -46,7 +46,7 @@ def make_logger(
     return logger
 
 
-def logging_options(record: dict | None, source: str = "checkpoint") -> dict:
+def logging_options(record: dict | None, source: str = "checkpoint", *, confine: bool = True) -> dict:
     """The ``NNHandler`` logging arguments a checkpoint recorded, for the loaded handler.
 
     The resumed run logs where the saved one did (a file is appended to). A file name is

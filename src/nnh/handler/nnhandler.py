@@ -13,7 +13,7 @@ import contextvars
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from nnh.callbacks.base import Callback, CallbackList
 from nnh.checkpoint.background import BackgroundWriter, SaveHandle
 from nnh.checkpoint.ownership import new_run_id
+from nnh.checkpoint.shapes import check_meta_model
 from nnh.core import (
     LossScaler,
     OptimizerAdapter,
@@ -64,10 +65,10 @@ from nnh.handler.training import epoch_means, run_train_epoch, run_val_epoch
 
 __all__ = ["NNHandler"]
 
-# While NNHandler.load builds a handler, the names of the tensors the checkpoint will supply:
-# a model whose parameters and buffers are all among them is built on the meta device and
-# receives the loaded tensors directly (no random initialisation, no copy).
-_CHECKPOINT_TENSORS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
+# While NNHandler.load builds a handler, (the checkpoint's weights, its path): the model is
+# built on the meta device and checked against them before any allocation; one whose
+# parameters and buffers all come from the file receives them directly (no init, no copy).
+_CHECKPOINT_TENSORS: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
     "nnh_checkpoint_tensors", default=None
 )
 
@@ -470,15 +471,15 @@ class NNHandler:
         self, model_class: type[nn.Module], model_kwargs: dict[str, Any]
     ) -> nn.Module:
         supplied = _CHECKPOINT_TENSORS.get()
-        if supplied is not None:
-            with torch.device("meta"):
-                module = self._construct(model_class, model_kwargs)
-            names = {n for n, _ in module.named_parameters()} | {
-                n for n, _ in module.named_buffers()
-            }
-            if names <= supplied:  # every tensor comes from the checkpoint: no init needed
+        if supplied is not None:  # loading: shapes are checked before any allocation
+            try:
+                with torch.device("meta"):
+                    module = self._construct(model_class, model_kwargs)
+            except Exception:  # a constructor that needs real tensors: built for real below
+                module = None
+            if module is not None and check_meta_model(module, *supplied):
                 module._nnh_meta_init = True  # type: ignore[attr-defined]
-                return module
+                return module  # every tensor comes from the checkpoint: no init needed
         return self._construct(model_class, model_kwargs).to(self._device)
 
     def _construct(self, model_class: type[nn.Module], model_kwargs: dict[str, Any]) -> nn.Module:
@@ -1283,15 +1284,21 @@ class NNHandler:
         skip_sampler_sde: bool = False,
         skip_ema: bool = False,
         trust_model_code: bool = False,
+        trusted: Sequence[Any] | None = None,
+        trust_modules: Sequence[str] | str | None = None,
     ) -> NNHandler:
         """Rebuild a working handler from a file written by :meth:`save`.
 
         ``skip_*`` leave that part at its fresh default. Stored model source is executed
         only with ``trust_model_code=True`` (when the class can no longer be imported).
-        In DDP every rank loads onto its own device. The file is treated as data from a
-        stranger: checksums are verified, every section's shape and every class or
-        function it names are checked before anything is called (:mod:`nnh.handler.loading`);
-        with ``strict_load=False`` missing or unexpected weights are listed in a warning.
+        In DDP every rank loads onto its own device. The file is data: it selects from nnh's
+        registry (torch losses, optimizers, schedulers, nnh callbacks, SDEs, torchmetrics)
+        and never supplies code or authority (:mod:`nnh.handler.loading`). Your own classes
+        and functions are restored when the file is your own (signed with your key, as every
+        file you save is) or when you vouch for them in this call: ``trusted=[MyCallback,
+        my_loss]`` or ``trust_modules=("mypkg",)``; otherwise they are dropped with one
+        warning. With ``strict_load=False`` missing or unexpected weights are listed in a
+        warning.
 
         Example:
             >>> from torch.utils.data import TensorDataset
@@ -1319,6 +1326,8 @@ class NNHandler:
             skip_sampler_sde=skip_sampler_sde,
             skip_ema=skip_ema,
             trust_model_code=trust_model_code,
+            trusted=trusted,
+            trust_modules=trust_modules,
         )
 
     @classmethod

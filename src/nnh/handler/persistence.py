@@ -228,7 +228,13 @@ def handler_payload(
             "module level in an importable module, or construct the handler with save_model_code=True"
         )
     names = {id(m): n for n, m in module.named_modules()}
-    payload: dict[str, Any] = {"run": {"id": h._run_id, "resumed_at": list(h._history.resumed_at)}}
+    payload: dict[str, Any] = {
+        "run": {
+            "id": str(h._run_id),
+            "lineage": sorted(getattr(h._run_id, "lineage", ()))[:64],
+            "resumed_at": list(h._history.resumed_at),
+        }
+    }
     payload["model"] = {
         "class": model_path or f"{model_class.__module__}.{model_class.__qualname__}",
         "kwargs": _plain_kwargs(h._model_kwargs, f"model {model_class.__name__}"),
