@@ -55,6 +55,7 @@ __all__ = [
     "confine_callback_config",
     "confine_path",
     "name_pattern_problem",
+    "path_problem",
     "safe_repr",
     "working_folders",
 ]
@@ -266,6 +267,26 @@ def _path_problem(value: object, kind: str, bases: list[str]) -> str | None:
     elif os.path.lexists(resolved) and not os.path.isdir(resolved):
         return "is an existing file, not a folder"
     return None
+
+
+def path_problem(
+    value: object,
+    *,
+    base: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
+    kind: str = "file",
+) -> str | None:
+    """Why :func:`confine_path` would refuse ``value`` (a phrase such as ``"is empty"``),
+    or ``None`` when it is confined.
+
+    Example:
+        >>> import tempfile
+        >>> work = tempfile.mkdtemp()
+        >>> path_problem("a\\x00b", base=work), path_problem("train.log", base=work)
+        ('contains a NUL byte', None)
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    return _path_problem(value, kind, _bases(base))
 
 
 def _reset_message(
