@@ -258,9 +258,10 @@ def _path_problem(value: object, kind: str, bases: list[str]) -> str | None:
     for special in _special_folders():
         if special != root and _within(special, root) and _within(resolved, special):
             return f"leads into {special!r}, a Python installation or system folder"
-    if kind == "file":
+    if kind in ("file", "checkpoint"):  # "checkpoint": a stored .pth file nnh wrote
         name = os.path.basename(resolved).lower()
-        if os.path.splitext(name)[1] in _CODE_SUFFIXES or name in _CONFIG_NAMES:
+        code = os.path.splitext(name)[1] in _CODE_SUFFIXES or name in _CONFIG_NAMES
+        if code and not (kind == "checkpoint" and name.endswith(".pth")):
             return "names a file that programs run or read as code or configuration"
         if os.path.lexists(resolved) and not os.path.isfile(resolved):
             return "is an existing folder or special file, not a regular file"
@@ -560,7 +561,8 @@ def confine_auto_saver(
       refused, auto-saving is disabled (``interval`` and ``every_n_steps`` ``None``,
       ``save_path`` ``"."``) with a warning saying how to enable it;
     * ``name`` must be a file-name pattern (:func:`name_pattern_problem`), else the default;
-    * ``last_saved`` is kept only when it is a confined file, else ``None``;
+    * ``last_saved`` is kept only when it is a confined file (a ``.pth`` name allowed),
+      else ``None``;
     * ``interval`` (int >= -1 or None), ``every_n_steps`` (int >= 1 or None),
       ``overwrite`` and ``async_save`` (bool) of the wrong type or range are reset
       (auto-saving off, ``None``, ``False``) with a warning; other keys are dropped.
@@ -627,7 +629,7 @@ def confine_auto_saver(
                 "it was reset to 'model_epoch{epoch:02d}'",
             )
     if out.get("last_saved") is not None:
-        problem = _path_problem(out["last_saved"], "file", bases)
+        problem = _path_problem(out["last_saved"], "checkpoint", bases)
         if problem is not None:
             reset("last_saved", problem, None, "it was forgotten (nothing is deleted for it)",
                   fix="nothing: the next automatic save starts afresh")  # fmt: skip
