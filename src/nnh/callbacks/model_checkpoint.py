@@ -79,6 +79,12 @@ class ModelCheckpoint(Callback):
                 f"ModelCheckpoint filename {self.filename!r} cannot be filled from the logged keys "
                 f"{sorted(logs)}: {err}"
             ) from err
+        if "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+            raise ValueError(
+                f"ModelCheckpoint filename {self.filename!r} filled from the logged values gives "
+                f"{name!r}, which is not a file name (a logged value or format spec must not "
+                "produce a path separator)"
+            )
         return Path(self.dirpath) / (name if name.endswith(".pth") else name + ".pth")
 
     def _improved(self, value: float) -> bool:

@@ -55,6 +55,7 @@ __all__ = [
     "confine_callback_config",
     "confine_path",
     "name_pattern_problem",
+    "path_problem",
     "safe_repr",
     "working_folders",
 ]
@@ -257,15 +258,36 @@ def _path_problem(value: object, kind: str, bases: list[str]) -> str | None:
     for special in _special_folders():
         if special != root and _within(special, root) and _within(resolved, special):
             return f"leads into {special!r}, a Python installation or system folder"
-    if kind == "file":
+    if kind in ("file", "checkpoint"):  # "checkpoint": a stored .pth file nnh wrote
         name = os.path.basename(resolved).lower()
-        if os.path.splitext(name)[1] in _CODE_SUFFIXES or name in _CONFIG_NAMES:
+        code = os.path.splitext(name)[1] in _CODE_SUFFIXES or name in _CONFIG_NAMES
+        if code and not (kind == "checkpoint" and name.endswith(".pth")):
             return "names a file that programs run or read as code or configuration"
         if os.path.lexists(resolved) and not os.path.isfile(resolved):
             return "is an existing folder or special file, not a regular file"
     elif os.path.lexists(resolved) and not os.path.isdir(resolved):
         return "is an existing file, not a folder"
     return None
+
+
+def path_problem(
+    value: object,
+    *,
+    base: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
+    kind: str = "file",
+) -> str | None:
+    """Why :func:`confine_path` would refuse ``value`` (a phrase such as ``"is empty"``),
+    or ``None`` when it is confined.
+
+    Example:
+        >>> import tempfile
+        >>> work = tempfile.mkdtemp()
+        >>> path_problem("a\\x00b", base=work), path_problem("train.log", base=work)
+        ('contains a NUL byte', None)
+    """
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be 'file' or 'dir', got {kind!r}")
+    return _path_problem(value, kind, _bases(base))
 
 
 def _reset_message(
@@ -539,7 +561,8 @@ def confine_auto_saver(
       refused, auto-saving is disabled (``interval`` and ``every_n_steps`` ``None``,
       ``save_path`` ``"."``) with a warning saying how to enable it;
     * ``name`` must be a file-name pattern (:func:`name_pattern_problem`), else the default;
-    * ``last_saved`` is kept only when it is a confined file, else ``None``;
+    * ``last_saved`` is kept only when it is a confined file (a ``.pth`` name allowed),
+      else ``None``;
     * ``interval`` (int >= -1 or None), ``every_n_steps`` (int >= 1 or None),
       ``overwrite`` and ``async_save`` (bool) of the wrong type or range are reset
       (auto-saving off, ``None``, ``False``) with a warning; other keys are dropped.
@@ -606,7 +629,7 @@ def confine_auto_saver(
                 "it was reset to 'model_epoch{epoch:02d}'",
             )
     if out.get("last_saved") is not None:
-        problem = _path_problem(out["last_saved"], "file", bases)
+        problem = _path_problem(out["last_saved"], "checkpoint", bases)
         if problem is not None:
             reset("last_saved", problem, None, "it was forgotten (nothing is deleted for it)",
                   fix="nothing: the next automatic save starts afresh")  # fmt: skip

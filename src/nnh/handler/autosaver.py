@@ -102,7 +102,14 @@ class AutoSaver:
         return epoch % self.interval == 0 or final
 
     def path_for(self, logs: dict[str, Any]) -> Path:
-        """The file for an epoch's logs."""
+        """The file for an epoch's logs; a filled name that is not a file name raises.
+
+        Example:
+            >>> AutoSaver(save_path="ckpt", name="m_{tag}").path_for({"tag": "../../x"})
+            Traceback (most recent call last):
+            ...
+            ValueError: auto_save name 'm_{tag}' filled from the logged values gives 'm_../../x', which is not a file name (a logged value or format spec must not produce a path separator)
+        """
         values = {k: v for k, v in logs.items()}
         try:
             name = self.name.format(**values)
@@ -110,6 +117,11 @@ class AutoSaver:
             raise ValueError(
                 f"cannot fill auto_save name {self.name!r} from {sorted(values)}: {err}"
             ) from err
+        if "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+            raise ValueError(
+                f"auto_save name {self.name!r} filled from the logged values gives {name!r}, "
+                "which is not a file name (a logged value or format spec must not produce a path separator)"
+            )
         if not name.endswith(".pth"):
             name += ".pth"
         return Path(self.save_path) / name
