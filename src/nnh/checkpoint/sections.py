@@ -71,6 +71,12 @@ def check_counters(counters: Mapping[str, Any], source: PathLike | None) -> dict
     for key, value in counters.items():
         if not _is_int(value, 0, _MAX_COUNTER):
             raise _damaged(source, f"train_state.counters.{key}", f"is {value!r:.40}, not a count")
+    if counters.get("micro_step", 0) and not (
+        1 <= counters.get("window_first", 0) <= counters.get("window_samples", 0)
+    ):
+        raise _damaged(
+            source, "train_state.counters", "has an open accumulation window without its sizes"
+        )
     return dict(counters)
 
 
@@ -247,8 +253,17 @@ def check_resume(
 _GROUP_EXTRAS = {"params", "param_names", "initial_lr"}
 
 
+_PER_PARAMETER = frozenset(
+    {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
+     "sum", "exp_inf", "ax", "prev", "step_size", "grad_avg", "mu_product"}
+) - {"mu_product"}  # fmt: skip
+
+
 def check_optimizer_state(
-    state_dict: Any, fresh: Mapping[str, Any], source: PathLike | None
+    state_dict: Any,
+    fresh: Mapping[str, Any],
+    source: PathLike | None,
+    params: list[torch.Tensor] | None = None,
 ) -> None:
     """An optimizer state dict from a file has a fresh optimizer's structure: the same
     groups and parameter ids, only the hyper-parameters a fresh group has (finite, in
@@ -298,14 +313,21 @@ def check_optimizer_state(
     state = state_dict.get("state", {})
     if not isinstance(state, Mapping):
         raise _damaged(source, f"{record}.state", "is not a dict")
+    order = [i for ref in fresh_groups for i in ref["params"]]
+    by_id = dict(zip(order, params)) if params is not None else {}
     for pid, entry in state.items():
         if pid not in ids or not isinstance(entry, Mapping):
             raise _damaged(source, f"{record}.state", f"holds state for unknown parameter {pid!r:.20}")
+        param = by_id.get(pid)
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
                 ok = value.layout is torch.strided and (
                     not value.is_floating_point() or bool(torch.isfinite(value).all())
                 )
+                if key == "step":
+                    ok = ok and value.numel() == 1
+                elif key in _PER_PARAMETER and param is not None:
+                    ok = ok and value.shape == param.shape and value.dtype == param.dtype
             else:
                 ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not isinstance(key, str) or not ok:

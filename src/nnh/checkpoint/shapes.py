@@ -71,6 +71,21 @@ def check_meta_model(
     report = compare_state_dict(model, weights)
     if report.shape_mismatches:
         raise _mismatch_error(model, report, False, source)
+    names = {n for n, _ in model.named_parameters()}
+    dtypes = {
+        v.dtype
+        for k, v in weights.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k.split("module.")[-1] in names
+    }
+    if len(dtypes) > 1:
+        where = "the checkpoint" if source is None else f"checkpoint {os.fspath(source)!r}"
+        raise CheckpointError(
+            f"{where}: the model's floating-point parameters have mixed dtypes "
+            f"{sorted(str(d) for d in dtypes)}; a model trained by nnh has one. The file was "
+            "damaged or edited; nnh allocated nothing. What to do: use an intact checkpoint.",
+            path=source,
+            kind="mismatch",
+        )
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     missing = [k for k in report.missing if k in tensors]

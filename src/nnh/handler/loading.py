@@ -484,7 +484,8 @@ def _restore_optimization(
             h.set_optimizer(resolved.optimizer, **kwargs)  # fresh when skipped
         if not skip_optimizer:
             optimizer = h._adapter.optimizer
-            check_optimizer_state(rec["state_dict"], optimizer.state_dict(), path)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            check_optimizer_state(rec["state_dict"], optimizer.state_dict(), path, params)
             try:
                 optimizer.load_state_dict(rec["state_dict"])
             except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
@@ -609,6 +610,19 @@ def apply_payload(
     _restore_components(h, path, resolved)
     with _section(path, "auto_saver"):
         h._auto_saver = AutoSaver.from_state_dict(payload.get("auto_saver") or {})
+    try:
+        h._auto_saver.check_name(h._log_keys())
+    except ValueError as err:  # e.g. a val_* field without a stored validation set
+        h._auto_saver = attrs.evolve(
+            h._auto_saver,
+            interval=None,
+            every_n_steps=None,
+            name=attrs.fields(AutoSaver).name.default,
+        )
+        resolved.messages.append(
+            f"checkpoint {path!r}: automatic saving is off: {err}. What to do: call "
+            "handler.auto_save(...) again"
+        )
     with _section(path, "loss_scaler"):
         scaler = check_arguments(
             LossScaler, payload.get("loss_scaler") or {}, record="loss_scaler", source=path
@@ -664,6 +678,8 @@ def _restore_loader(h: NNHandler, which: str, record: dict[str, Any] | None) -> 
         kwargs["generator"] = g
     if "tensors" in record:
         tensors = record["tensors"]
+        if not isinstance(kwargs.get("batch_size"), int):
+            raise ValueError("the loader record has no batch_size")
         if (
             not isinstance(tensors, (list, tuple))
             or not 1 <= len(tensors) <= _MAX_DATA_TENSORS
