@@ -239,7 +239,7 @@ def check_resume(
     values = [sums.get("loss"), sums.get("count"), *sums.get("metrics", {}).values()]
     for v in values:
         if isinstance(v, torch.Tensor):
-            ok = v.numel() <= 1 and bool(torch.isfinite(v.double()).all())
+            ok = v.numel() <= 2**20 and bool(torch.isfinite(v.double()).all())  # per member
         else:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if not ok:
