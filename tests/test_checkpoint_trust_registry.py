@@ -192,12 +192,19 @@ def test_model_arguments_that_need_huge_memory_fail_before_any_allocation(tmp_pa
     assert info.value.kind in ("mismatch", "too_large")
 
 
-def test_the_ensemble_size_comes_from_the_weights(tmp_path):
-    def edit(p):
-        p["ensemble"] = {"size": 10**9, "member_history": None}
-
+@pytest.mark.parametrize("size", [10**9, 2, None])
+def test_the_ensemble_size_comes_from_the_weights(tmp_path, size):
+    ensemble = trained(ensemble_size=3)
+    payload = handler_payload(ensemble)
+    assert payload["ensemble"]["size"] == 3
+    if size is None:  # a single model's file claiming to be an ensemble
+        payload = handler_payload(trained())
+        payload["ensemble"] = {"size": 3, "member_history": None}
+    else:
+        payload["ensemble"]["size"] = size
+    path = save_checkpoint(payload, tmp_path / "e.pth", sign=False)
     with pytest.raises(CheckpointError, match="ensemble.size") as info:
-        NNHandler.load(str(foreign(tmp_path, edit)))
+        NNHandler.load(str(path))
     assert info.value.kind == "damaged"
 
 
@@ -396,3 +403,35 @@ def test_the_loaded_state_after_a_hostile_file_trains_to_finite_values(tmp_path)
     h.train(1, progress_bar=False)
     assert all(torch.isfinite(p).all() for p in h.module.parameters())
     assert math.isfinite(h.train_losses[-1])
+
+
+def test_optimizer_groups_with_settings_the_optimizer_lacks_are_refused(tmp_path):
+    path = foreign(tmp_path, lambda p: p["optimizer"]["state_dict"]["param_groups"][0].update(
+        evil=1.0))  # fmt: skip
+    with pytest.raises(CheckpointError) as info:
+        NNHandler.load(str(path))
+    assert info.value.kind == "damaged" and "evil" in str(info.value)
+
+
+@pytest.mark.parametrize("options", [{"label_smoothing": float("nan")}, {"reduction": "x"},
+                                     {"ignore_index": 10**12}])  # fmt: skip
+def test_registry_loss_modules_take_schema_checked_options_only(tmp_path, options):
+    path = foreign(tmp_path, lambda p: p["loss"].update(fn={
+        "kind": "module", "class": "torch.nn.modules.loss.CrossEntropyLoss",
+        "options": options, "state_dict": {}}))  # fmt: skip
+    with pytest.raises(CheckpointError) as info:
+        NNHandler.load(str(path))
+    assert info.value.kind == "damaged"
+
+
+def test_a_damaged_global_name_is_reported_as_damage_not_as_a_planted_object(tmp_path):
+    path = tmp_path / "run.pth"
+    trained().save(str(path))
+    data = path.read_bytes()
+    assert data.count(b"OrderedDict") >= 1
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(data.replace(b"OrderedDict", b"OrderedDicu", 1))
+    with pytest.raises(CheckpointError) as info:
+        NNHandler.load(str(bad))
+    assert info.value.kind == "corrupt"
+    assert "weights_only=False" not in str(info.value)
