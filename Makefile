@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench venv
+.PHONY: demo test lint bench venv fuzz
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -30,3 +30,8 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VPY) benchmarks/bench_core_loop.py
 	$(VPY) benchmarks/bench_handler.py
+
+# The checkpoint fuzzer, long: NNH_FUZZ_EXAMPLES=20000 make fuzz (random, not the CI sequence)
+fuzz: $(VENV)/.installed
+	NNH_FUZZ_EXAMPLES=$${NNH_FUZZ_EXAMPLES:-20000} NNH_FUZZ_DERANDOMIZE=$${NNH_FUZZ_DERANDOMIZE:-0} \
+		$(VPY) -m pytest -q -s -p no:cacheprovider property_tests/test_checkpoint_fuzz.py

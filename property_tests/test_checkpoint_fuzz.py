@@ -145,8 +145,8 @@ HOSTILE_STRINGS = DANGEROUS_NAMES + PATHS + FORMATS + ODD
 EXTREMES = [0, -1, 1, 2, 10**12, -(10**12), 2**63, -(2**63) - 1, 2**31, math.nan, math.inf,
             -math.inf, 1e308, -1e308, 5e-324, 0.5, True, False]  # fmt: skip
 EDIT_KINDS = (
-    ["hostile_str"] * 5 + ["hostile_any"] * 1 + ["number"] * 3 + ["swap"] * 2 + ["nest"] * 1
-    + ["drop"] * 3 + ["dup_key"] * 1 + ["retype"] * 3 + ["tensor"] * 2 + ["none"] * 1
+    ["hostile_str"] * 10 + ["hostile_any"] * 2 + ["number"] * 6 + ["swap"] * 4 + ["nest"] * 1
+    + ["drop"] * 5 + ["dup_key"] * 2 + ["retype"] * 5 + ["tensor"] * 4 + ["none"] * 2
 )  # fmt: skip
 
 
@@ -304,11 +304,12 @@ def apply_edit(data, payload: dict, all_keys: list[str]) -> tuple[dict, str]:
             kind = "hostile_any"
         else:
             new = data.draw(st.sampled_from(HOSTILE_STRINGS), label="hostile string")
-            return set_at(payload, path, new), f"set {fmt_path(path)} = {new!r}"
+            return set_at(payload, path, new), f"set {fmt_path(path)} = {short(new, 120)}"
     if kind == "hostile_any":
         path = choose_path(data, payload, lambda p, v: True, kind)
         new = data.draw(st.sampled_from(HOSTILE_STRINGS), label="hostile string")
-        return set_at(payload, path, new), f"set {fmt_path(path)} = {new!r} (was {short(get_at(payload, path), 40)})"
+        old = get_at(payload, path)
+        return set_at(payload, path, new), f"set {fmt_path(path)} = {short(new, 120)} (was {short(old, 40)})"
     if kind == "number":
         path = choose_path(data, payload, lambda p, v: is_number(v), kind)
         if path is None:
@@ -691,3 +692,47 @@ def run_example(s: Session, data) -> None:
             f"hostile checkpoint from seed {seed!r} broke the promise: {problems}\n"
             f"edits: {edits}\nworker: {json.dumps(result, default=str)[:1500]}\nfile kept at {where}"
         )
+
+
+def test_the_harness_sees_what_it_must(session, tmp_path):
+    """The fuzzer's own checks work: a genuine file loads and trains, a foreign one is a
+    CheckpointError, a changed or new file outside is seen, and a planted os.system callback
+    is refused as untrusted (the promise the fuzzer stands on)."""
+    s = session
+    ex = tmp_path / "ex"
+    ex.mkdir()
+    shutil.copyfile(s.seed_paths["plain"], ex / "ok.pth")
+    result = s.pool.run(str(ex / "ok.pth"), str(ex), TIMEOUT)
+    assert classify(result) == ("loaded and trained", True), result
+    (ex / "foreign.pth").write_bytes(b"not a checkpoint")
+    result = s.pool.run(str(ex / "foreign.pth"), str(ex), TIMEOUT)
+    assert result["status"] == "error" and result["checkpoint_error"], result
+    from nnh.checkpoint import save_checkpoint
+
+    payload = copy.deepcopy(s.payloads["plain"])
+    payload["callbacks"] = [{"class": "os.system", "config": {"command": "true"}, "state": {}}]
+    save_checkpoint(payload, ex / "planted.pth", durable=False)
+    result = s.pool.run(str(ex / "planted.pth"), str(ex), TIMEOUT)
+    assert result["status"] == "error" and result["kind"] == "untrusted", result
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    (watched / "a.txt").write_text("a")
+    before = snapshot(watched)
+    (watched / "a.txt").write_text("b")
+    assert snapshot(watched) != before
+    (watched / "a.txt").write_text("a")
+    os.utime(watched / "a.txt", ns=(0, before["a.txt"][2]))
+    assert snapshot(watched) == before
+    (watched / "new").write_text("")
+    assert snapshot(watched) != before
+
+
+def test_the_worker_pool_survives_timeouts_and_deaths(session, tmp_path):
+    s = session
+    shutil.copyfile(s.seed_paths["plain"], tmp_path / "ok.pth")
+    assert s.pool.run(str(tmp_path / "ok.pth"), str(tmp_path), 0.001)["status"] == "timeout"
+    assert s.pool.run(str(tmp_path / "ok.pth"), str(tmp_path), TIMEOUT)["status"] == "ok"
+    s.pool.proc.kill()  # a worker that died between examples is replaced
+    s.pool.proc.wait()
+    assert s.pool.run(str(tmp_path / "ok.pth"), str(tmp_path), TIMEOUT)["status"] == "ok"
