@@ -150,6 +150,33 @@ EDIT_KINDS = (
 )  # fmt: skip
 
 
+# The closed registry a foreign file may select from (everything else - user code, pip,
+# nnh's own file helpers - must be dropped with a warning or refused): torch losses,
+# optimizers, schedulers and maths functions, nnh callbacks, SDEs and samplers, torchmetrics.
+TORCH_NOT_MATHS = (
+    "torch.save", "torch.load", "torch.hub", "torch.set_", "torch.manual_seed", "torch.from_file",
+    "torch.compile", "torch.jit", "torch.utils", "torch.distributed", "torch.multiprocessing",
+    "torch.package", "torch.cuda", "torch.backends", "torch.serialization", "torch.optim",
+    "torch.autograd.grad_mode", "torch.ops", "torch.testing", "torch.export", "torch.onnx",
+)  # fmt: skip
+
+
+def _torch_maths(path: str) -> bool:
+    return path.startswith("torch.") and not path.startswith(TORCH_NOT_MATHS)
+
+
+def in_registry(slot: str, path: str) -> bool:
+    if slot == "optimizer":
+        return path.startswith("torch.optim.") and ".lr_scheduler." not in path
+    if slot == "scheduler":
+        return path.startswith("torch.optim.lr_scheduler.")
+    if slot == "loss" or slot.startswith("metrics["):
+        return _torch_maths(path) or path.startswith("torchmetrics.")
+    if slot.startswith("callbacks["):
+        return path.startswith("nnh.callbacks.")
+    return path.startswith("nnh.generative.")  # sde, sampler
+
+
 # ----------------------------------------------------------------------------- payload walk
 def walk(obj: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
     """Every node of the payload tree as (path, value), 40 levels deep at most; long
@@ -647,9 +674,16 @@ def run_example(s: Session, data) -> None:
     after = s.watched()
 
     label, allowed = classify(result)
+    outcome = label
     problems = []
     if not allowed:
         problems.append(label)
+    foreign = [f"{slot} = {path}" for slot, path in result.get("components", []) if not in_registry(slot, path)]
+    if foreign:
+        s.outcomes["(also) FOREIGN CODE LOADED"] += 1
+        if allowed:  # an exception class already names the example; else this is its class
+            label, allowed = "FOREIGN CODE LOADED: " + foreign[0], False
+        problems.append("foreign code loaded: " + ", ".join(foreign))
     for part in ("canary", "seeds", "examples", "base"):
         if before[part] != after[part]:
             if isinstance(before[part], dict):
@@ -672,13 +706,13 @@ def run_example(s: Session, data) -> None:
         for extra in set(os.listdir(s.examples)) - {ex.name}:
             target = s.examples / extra
             shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-    s.outcomes[label] += 1
+    s.outcomes[outcome] += 1
 
     if problems:
         where = s.failures_dir / f"{s.counter:06d}-{seed}.pth"
         shutil.copyfile(ckpt, where)
         record = {
-            "class": label if not allowed else "OUTSIDE WRITE: " + problems[0],
+            "class": next((f"OUTSIDE WRITE: {p}" for p in problems if p.startswith(("canary", "seeds", "examples", "base"))), label),
             "problems": problems,
             "seed": seed,
             "edits": edits,
