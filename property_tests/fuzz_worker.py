@@ -50,6 +50,45 @@ def _where(tb: Any) -> str:
     return f"{name}:{f.lineno}:{f.name}"
 
 
+def _name(obj: Any) -> str:
+    """The import path of a loaded component (a function, or an object's class); stateful
+    metric wrappers and ``functools.partial`` are looked through."""
+    import functools
+    import inspect
+
+    for _ in range(10):
+        if isinstance(obj, functools.partial):
+            obj = obj.func
+        elif type(obj).__name__ == "StatefulMetric" and hasattr(obj, "metric"):
+            obj = obj.metric
+        else:
+            break
+    if inspect.isroutine(obj) or inspect.isclass(obj):
+        module = getattr(obj, "__module__", None) or "?"
+        return f"{module}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _components(h: Any) -> list[list[str]]:
+    """[slot, import path] of every component the loaded handler will call."""
+    out = []
+    if getattr(h, "_adapter", None) is not None:
+        out.append(["optimizer", _name(h._adapter.optimizer)])
+    if getattr(h, "_scheduler", None) is not None:
+        out.append(["scheduler", _name(h._scheduler)])
+    if getattr(h, "_loss_fn", None) is not None:
+        out.append(["loss", _name(h._loss_fn)])
+    for name, fn in (getattr(h, "_metrics", None) or {}).items():
+        out.append([f"metrics[{name}]", _name(fn)])
+    for i, cb in enumerate(getattr(h, "_callbacks", None) or []):
+        out.append([f"callbacks[{i}]", _name(cb)])
+    for slot in ("sde", "sampler"):
+        obj = getattr(h, f"_{slot}", None)
+        if obj is not None:
+            out.append([slot, _name(obj)])
+    return out
+
+
 def _serve() -> None:
     import resource
 
@@ -83,6 +122,7 @@ def _serve() -> None:
                 warnings.simplefilter("always")
                 try:
                     h = NNHandler.load(req["path"])
+                    out["components"] = _components(h)
                     can_train = (
                         getattr(h, "_adapter", None) is not None
                         and getattr(h, "_train_loader", None) is not None

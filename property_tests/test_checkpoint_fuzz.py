@@ -22,7 +22,8 @@ The property, per example:
 
 Knobs (environment):
 
-* ``NNH_FUZZ_EXAMPLES`` (default 300): examples; ``make fuzz`` runs 20,000.
+* ``NNH_FUZZ_EXAMPLES`` (default 800, about 70 s on 2 CPU cores): examples; ``make fuzz``
+  runs 20,000.
 * ``NNH_FUZZ_DERANDOMIZE`` (default 1): a fixed example sequence, reproducible in CI;
   ``make fuzz`` sets 0 so every long run explores new ground (hypothesis prints the seed of
   a failure: rerun with ``--hypothesis-seed``).
@@ -63,7 +64,7 @@ for _p in (str(TESTS), str(HERE)):
 
 from fuzz_worker import WorkerPool  # noqa: E402
 
-EXAMPLES = int(os.environ.get("NNH_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("NNH_FUZZ_EXAMPLES", "800"))
 DERANDOMIZE = os.environ.get("NNH_FUZZ_DERANDOMIZE", "1") == "1"
 SHRINK = os.environ.get("NNH_FUZZ_SHRINK", "0") == "1"
 SURVEY = os.environ.get("NNH_FUZZ_SURVEY")
@@ -145,9 +146,36 @@ HOSTILE_STRINGS = DANGEROUS_NAMES + PATHS + FORMATS + ODD
 EXTREMES = [0, -1, 1, 2, 10**12, -(10**12), 2**63, -(2**63) - 1, 2**31, math.nan, math.inf,
             -math.inf, 1e308, -1e308, 5e-324, 0.5, True, False]  # fmt: skip
 EDIT_KINDS = (
-    ["hostile_str"] * 5 + ["hostile_any"] * 1 + ["number"] * 3 + ["swap"] * 2 + ["nest"] * 1
-    + ["drop"] * 3 + ["dup_key"] * 1 + ["retype"] * 3 + ["tensor"] * 2 + ["none"] * 1
+    ["hostile_str"] * 10 + ["hostile_any"] * 2 + ["number"] * 6 + ["swap"] * 4 + ["nest"] * 1
+    + ["drop"] * 5 + ["dup_key"] * 2 + ["retype"] * 5 + ["tensor"] * 4 + ["none"] * 2
 )  # fmt: skip
+
+
+# The closed registry a foreign file may select from (everything else - user code, pip,
+# nnh's own file helpers - must be dropped with a warning or refused): torch losses,
+# optimizers, schedulers and maths functions, nnh callbacks, SDEs and samplers, torchmetrics.
+TORCH_NOT_MATHS = (
+    "torch.save", "torch.load", "torch.hub", "torch.set_", "torch.manual_seed", "torch.from_file",
+    "torch.compile", "torch.jit", "torch.utils", "torch.distributed", "torch.multiprocessing",
+    "torch.package", "torch.cuda", "torch.backends", "torch.serialization", "torch.optim",
+    "torch.autograd.grad_mode", "torch.ops", "torch.testing", "torch.export", "torch.onnx",
+)  # fmt: skip
+
+
+def _torch_maths(path: str) -> bool:
+    return path.startswith("torch.") and not path.startswith(TORCH_NOT_MATHS)
+
+
+def in_registry(slot: str, path: str) -> bool:
+    if slot == "optimizer":
+        return path.startswith("torch.optim.") and ".lr_scheduler." not in path
+    if slot == "scheduler":
+        return path.startswith("torch.optim.lr_scheduler.")
+    if slot == "loss" or slot.startswith("metrics["):
+        return _torch_maths(path) or path.startswith("torchmetrics.")
+    if slot.startswith("callbacks["):
+        return path.startswith("nnh.callbacks.")
+    return path.startswith("nnh.generative.")  # sde, sampler
 
 
 # ----------------------------------------------------------------------------- payload walk
@@ -304,11 +332,12 @@ def apply_edit(data, payload: dict, all_keys: list[str]) -> tuple[dict, str]:
             kind = "hostile_any"
         else:
             new = data.draw(st.sampled_from(HOSTILE_STRINGS), label="hostile string")
-            return set_at(payload, path, new), f"set {fmt_path(path)} = {new!r}"
+            return set_at(payload, path, new), f"set {fmt_path(path)} = {short(new, 120)}"
     if kind == "hostile_any":
         path = choose_path(data, payload, lambda p, v: True, kind)
         new = data.draw(st.sampled_from(HOSTILE_STRINGS), label="hostile string")
-        return set_at(payload, path, new), f"set {fmt_path(path)} = {new!r} (was {short(get_at(payload, path), 40)})"
+        old = get_at(payload, path)
+        return set_at(payload, path, new), f"set {fmt_path(path)} = {short(new, 120)} (was {short(old, 40)})"
     if kind == "number":
         path = choose_path(data, payload, lambda p, v: is_number(v), kind)
         if path is None:
@@ -646,9 +675,16 @@ def run_example(s: Session, data) -> None:
     after = s.watched()
 
     label, allowed = classify(result)
+    outcome = label
     problems = []
     if not allowed:
         problems.append(label)
+    foreign = [f"{slot} = {path}" for slot, path in result.get("components", []) if not in_registry(slot, path)]
+    if foreign:
+        s.outcomes["(also) FOREIGN CODE LOADED"] += 1
+        if allowed:  # an exception class already names the example; else this is its class
+            label, allowed = "FOREIGN CODE LOADED: " + foreign[0], False
+        problems.append("foreign code loaded: " + ", ".join(foreign))
     for part in ("canary", "seeds", "examples", "base"):
         if before[part] != after[part]:
             if isinstance(before[part], dict):
@@ -671,13 +707,13 @@ def run_example(s: Session, data) -> None:
         for extra in set(os.listdir(s.examples)) - {ex.name}:
             target = s.examples / extra
             shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-    s.outcomes[label] += 1
+    s.outcomes[outcome] += 1
 
     if problems:
         where = s.failures_dir / f"{s.counter:06d}-{seed}.pth"
         shutil.copyfile(ckpt, where)
         record = {
-            "class": label if not allowed else "OUTSIDE WRITE: " + problems[0],
+            "class": next((f"OUTSIDE WRITE: {p}" for p in problems if p.startswith(("canary", "seeds", "examples", "base"))), label),
             "problems": problems,
             "seed": seed,
             "edits": edits,
@@ -691,3 +727,47 @@ def run_example(s: Session, data) -> None:
             f"hostile checkpoint from seed {seed!r} broke the promise: {problems}\n"
             f"edits: {edits}\nworker: {json.dumps(result, default=str)[:1500]}\nfile kept at {where}"
         )
+
+
+def test_the_harness_sees_what_it_must(session, tmp_path):
+    """The fuzzer's own checks work: a genuine file loads and trains, a foreign one is a
+    CheckpointError, a changed or new file outside is seen, and a planted os.system callback
+    is refused as untrusted (the promise the fuzzer stands on)."""
+    s = session
+    ex = tmp_path / "ex"
+    ex.mkdir()
+    shutil.copyfile(s.seed_paths["plain"], ex / "ok.pth")
+    result = s.pool.run(str(ex / "ok.pth"), str(ex), TIMEOUT)
+    assert classify(result) == ("loaded and trained", True), result
+    (ex / "foreign.pth").write_bytes(b"not a checkpoint")
+    result = s.pool.run(str(ex / "foreign.pth"), str(ex), TIMEOUT)
+    assert result["status"] == "error" and result["checkpoint_error"], result
+    from nnh.checkpoint import save_checkpoint
+
+    payload = copy.deepcopy(s.payloads["plain"])
+    payload["callbacks"] = [{"class": "os.system", "config": {"command": "true"}, "state": {}}]
+    save_checkpoint(payload, ex / "planted.pth", durable=False)
+    result = s.pool.run(str(ex / "planted.pth"), str(ex), TIMEOUT)
+    assert result["status"] == "error" and result["kind"] == "untrusted", result
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    (watched / "a.txt").write_text("a")
+    before = snapshot(watched)
+    (watched / "a.txt").write_text("b")
+    assert snapshot(watched) != before
+    (watched / "a.txt").write_text("a")
+    os.utime(watched / "a.txt", ns=(0, before["a.txt"][2]))
+    assert snapshot(watched) == before
+    (watched / "new").write_text("")
+    assert snapshot(watched) != before
+
+
+def test_the_worker_pool_survives_timeouts_and_deaths(session, tmp_path):
+    s = session
+    shutil.copyfile(s.seed_paths["plain"], tmp_path / "ok.pth")
+    assert s.pool.run(str(tmp_path / "ok.pth"), str(tmp_path), 0.001)["status"] == "timeout"
+    assert s.pool.run(str(tmp_path / "ok.pth"), str(tmp_path), TIMEOUT)["status"] == "ok"
+    s.pool.proc.kill()  # a worker that died between examples is replaced
+    s.pool.proc.wait()
+    assert s.pool.run(str(tmp_path / "ok.pth"), str(tmp_path), TIMEOUT)["status"] == "ok"
