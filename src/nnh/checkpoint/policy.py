@@ -210,9 +210,7 @@ class TrustPolicy:
             trust_modules = (trust_modules,)
         modules = tuple(trust_modules or ())
         for prefix in modules:
-            if not isinstance(prefix, str) or not all(
-                p.isidentifier() for p in prefix.split(".")
-            ):
+            if not isinstance(prefix, str) or not all(p.isidentifier() for p in prefix.split(".")):
                 raise TypeError(
                     f"trust_modules takes package or module names like ('mypkg',), not {prefix!r:.60}"
                 )

@@ -93,7 +93,9 @@ def _real(low: float, high: float, *, low_open: bool = False, high_open: bool = 
             return False
         return (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
 
-    check.__doc__ = f"a finite number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    check.__doc__ = (
+        f"a finite number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    )
     return check
 
 
@@ -166,9 +168,9 @@ RANGES: dict[str, Any] = {
     "last_epoch": _int(-1, 10**9),
     "patience": _int(0, 10**9),
     "cooldown": _int(0, 10**9),
-    "milestones": lambda v: isinstance(v, (list, tuple))
-    and len(v) <= 10_000
-    and all(_int(0, 10**9)(x) for x in v),
+    "milestones": lambda v: (
+        isinstance(v, (list, tuple)) and len(v) <= 10_000 and all(_int(0, 10**9)(x) for x in v)
+    ),
     "sigma_min": _real(0.0, 1e6, low_open=True),
     "sigma_max": _real(0.0, 1e6, low_open=True),
     "beta_min": _real(0.0, 1e6, low_open=True),
@@ -210,7 +212,9 @@ def _like_default(value: Any, default: Any) -> bool:
     if isinstance(default, int):
         return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _INT_LIMIT
     if isinstance(default, float):
-        return _plain_scalar(value) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (
+            _plain_scalar(value) and isinstance(value, (int, float)) and not isinstance(value, bool)
+        )
     if isinstance(default, str):
         return isinstance(value, str) and _plain_scalar(value)
     if isinstance(default, (tuple, list)):
@@ -273,7 +277,9 @@ def check_arguments(
         damaged
     """
     if not isinstance(kwargs, Mapping):
-        raise _bad(source, record, f"should hold a dict of arguments, found {type(kwargs).__name__}")
+        raise _bad(
+            source, record, f"should hold a dict of arguments, found {type(kwargs).__name__}"
+        )
     sig = _signature(obj)
     if sig is None:
         if kwargs:
@@ -290,11 +296,15 @@ def check_arguments(
         if not isinstance(key, str) or key not in named or key in _CALLABLE_PARAMS:
             if key in _CALLABLE_PARAMS and value is None:
                 continue
-            raise _bad(source, record, f"gives the argument {str(key)[:60]!r}, which is not accepted")
+            raise _bad(
+                source, record, f"gives the argument {str(key)[:60]!r}, which is not accepted"
+            )
         rule = RANGES.get(key)
         default = named[key].default
-        ok = rule(value) if rule is not None else _like_default(
-            value, None if default is inspect.Parameter.empty else default
+        ok = (
+            rule(value)
+            if rule is not None
+            else _like_default(value, None if default is inspect.Parameter.empty else default)
         )
         if not ok:
             what = (rule.__doc__ if rule is not None else None) or "a plain value like its default"
@@ -325,13 +335,21 @@ def check_like(value: Any, template: Any, *, depth: int = 0) -> bool:
     if depth > 8:
         return False
     if isinstance(template, bool) or template is None:
-        return value is None or isinstance(value, bool) if template is None else isinstance(value, bool)
+        return (
+            value is None or isinstance(value, bool)
+            if template is None
+            else isinstance(value, bool)
+        )
     if isinstance(template, int):
         return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**62
     if isinstance(template, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
-        return math.isfinite(value) or (value == template) or (math.isinf(value) and math.isinf(template))
+        return (
+            math.isfinite(value)
+            or (value == template)
+            or (math.isinf(value) and math.isinf(template))
+        )
     if isinstance(template, str):
         return value == template
     if isinstance(template, Mapping):
@@ -345,7 +363,9 @@ def check_like(value: Any, template: Any, *, depth: int = 0) -> bool:
             and all(check_like(v, t, depth=depth + 1) for v, t in zip(value, template))
         )
     if isinstance(template, torch.Tensor):
-        return _small_tensor(value) and value.shape == template.shape and value.dtype == template.dtype
+        return (
+            _small_tensor(value) and value.shape == template.shape and value.dtype == template.dtype
+        )
     return False
 
 

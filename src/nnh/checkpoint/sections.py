@@ -108,6 +108,7 @@ def check_tensor_dict(
     shapes: Mapping[str, torch.Size],
     source: PathLike | None,
     record: str,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> None:
     """Tensors (EMA weights, open-window gradients) match ``shapes`` by name and are finite.
 
@@ -124,6 +125,10 @@ def check_tensor_dict(
     for key, t in tensors.items():
         if key not in shapes or not isinstance(t, torch.Tensor) or t.shape != shapes[key]:
             raise _damaged(source, f"{record}.{key}", "does not match the model's tensors")
+        if dtypes is not None and key in dtypes and t.dtype != dtypes[key]:
+            raise _damaged(
+                source, f"{record}.{key}", f"is {t.dtype}, not the model's {dtypes[key]}"
+            )
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
             raise _damaged(source, f"{record}.{key}", "holds NaN or inf")
 
@@ -150,7 +155,9 @@ def ensemble_size_from_weights(
     size = leading.pop()
     if record.get("size") != size:
         raise _damaged(
-            source, "ensemble.size", f"is {record.get('size')!r:.40}, but the weights hold {size} members"
+            source,
+            "ensemble.size",
+            f"is {record.get('size')!r:.40}, but the weights hold {size} members",
         )
     return size
 
@@ -234,7 +241,11 @@ def check_resume(
         if not check_rng_state(resume.get(key)):
             raise _damaged(source, f"resume.{key}", "is not an RNG state")
     sums = resume.get("sums")
-    if not isinstance(sums, Mapping) or not isinstance(sums.get("metrics", {}), Mapping):
+    if (
+        not isinstance(sums, Mapping)
+        or not {"loss", "count"} <= set(sums)
+        or not isinstance(sums.get("metrics", {}), Mapping)
+    ):
         raise _damaged(source, "resume.sums", "is not the epoch's partial sums")
     values = [sums.get("loss"), sums.get("count"), *sums.get("metrics", {}).values()]
     for v in values:
@@ -259,11 +270,28 @@ _PER_PARAMETER = frozenset(
 ) - {"mu_product"}  # fmt: skip
 
 
+#: Largest magnitude an optimizer state value may have (a genuine one stays far below).
+MAX_STATE_MAGNITUDE = 1e30
+_NO_PROBE = frozenset({"LBFGS", "SparseAdam"})  # need a closure / sparse gradients
+
+
+def _probe_state(cls: type, group: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The state one step of ``cls`` with ``group``'s settings creates for a 2x3 parameter
+    (the keys and which tensors are per-parameter); raises what that step raises."""
+    settings = {k: v for k, v in group.items() if k not in _GROUP_EXTRAS}
+    probe = torch.zeros(2, 3, device=device, requires_grad=True)
+    optimizer = cls([probe], **settings)
+    probe.grad = torch.zeros_like(probe)
+    optimizer.step()
+    return dict(optimizer.state[probe])
+
+
 def check_optimizer_state(
     state_dict: Any,
     fresh: Mapping[str, Any],
     source: PathLike | None,
     params: list[torch.Tensor] | None = None,
+    optimizer_class: type | None = None,
 ) -> None:
     """An optimizer state dict from a file has a fresh optimizer's structure: the same
     groups and parameter ids, only the hyper-parameters a fresh group has (finite, in
@@ -313,25 +341,65 @@ def check_optimizer_state(
     state = state_dict.get("state", {})
     if not isinstance(state, Mapping):
         raise _damaged(source, f"{record}.state", "is not a dict")
+    probes: dict[int, dict[str, Any]] = {}
+    if optimizer_class is not None and optimizer_class.__name__ not in _NO_PROBE and state:
+        device = params[0].device if params else torch.device("cpu")
+        for group, ref in zip(groups, fresh_groups):
+            try:
+                probe = _probe_state(optimizer_class, group, device)
+            except Exception as err:
+                raise _damaged(
+                    source,
+                    f"{record}.param_groups",
+                    f"has settings its optimizer cannot step with ({type(err).__name__})",
+                ) from None
+            probes.update(dict.fromkeys(ref["params"], probe))
     order = [i for ref in fresh_groups for i in ref["params"]]
     by_id = dict(zip(order, params)) if params is not None else {}
     for pid, entry in state.items():
         if pid not in ids or not isinstance(entry, Mapping):
-            raise _damaged(source, f"{record}.state", f"holds state for unknown parameter {pid!r:.20}")
+            raise _damaged(
+                source, f"{record}.state", f"holds state for unknown parameter {pid!r:.20}"
+            )
         param = by_id.get(pid)
+        probe = probes.get(pid)
+        if probe is not None and set(entry) != set(probe):
+            raise _damaged(
+                source,
+                f"{record}.state[{pid}]",
+                f"holds {sorted(map(str, entry))[:6]}, not the optimizer's {sorted(probe)}",
+            )
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
                 ok = value.layout is torch.strided and (
                     not value.is_floating_point() or bool(torch.isfinite(value).all())
                 )
+                ok = ok and (
+                    not value.is_floating_point()
+                    or value.numel() == 0
+                    or float(value.abs().max()) <= MAX_STATE_MAGNITUDE
+                )
+                expected = probe.get(key) if probe is not None else None
                 if key == "step":
                     ok = ok and value.numel() == 1
-                elif key in _PER_PARAMETER and param is not None:
+                elif param is not None and (
+                    key in _PER_PARAMETER
+                    or (isinstance(expected, torch.Tensor) and expected.shape == (2, 3))
+                ):
                     ok = ok and value.shape == param.shape and value.dtype == param.dtype
+                elif isinstance(expected, torch.Tensor) and expected.ndim == 0:
+                    ok = ok and value.numel() == 1
             else:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                ok = (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                    and abs(value) <= MAX_STATE_MAGNITUDE
+                )
             if not isinstance(key, str) or not ok:
-                raise _damaged(source, f"{record}.state[{pid}]", "holds a non-finite or foreign value")
+                raise _damaged(
+                    source, f"{record}.state[{pid}]", "holds a non-finite or foreign value"
+                )
 
 
 def check_scheduler_state(state: Any, fresh: Mapping[str, Any], source: PathLike | None) -> None:
@@ -351,13 +419,20 @@ def check_scheduler_state(state: Any, fresh: Mapping[str, Any], source: PathLike
         raise _damaged(source, "scheduler.state_dict", "is not a dict")
     for key, value in state.items():
         if key not in fresh or not check_like(value, fresh[key]):
-            raise _damaged(source, f"scheduler.state_dict.{str(key)[:40]}", "is not a setting of this scheduler")
+            raise _damaged(
+                source,
+                f"scheduler.state_dict.{str(key)[:40]}",
+                "is not a setting of this scheduler",
+            )
 
 
 def _opt_real(low: float, high: float) -> Any:
     def check(v: Any) -> bool:
         return v is None or (
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and low <= v <= high
         )
 
     return check
@@ -366,8 +441,10 @@ def _opt_real(low: float, high: float) -> Any:
 _TRAIN_OPTION_RULES: dict[str, Any] = {
     "validate_every": lambda v: _is_int(v, 1, 10**6),
     "gradient_accumulation_steps": lambda v: _is_int(v, 1, 10_000),
-    "use_amp": lambda v: isinstance(v, bool)
-    or (isinstance(v, str) and v.lower() in ("bf16", "bfloat16", "fp16", "float16")),
+    "use_amp": lambda v: (
+        isinstance(v, bool)
+        or (isinstance(v, str) and v.lower() in ("bf16", "bfloat16", "fp16", "float16"))
+    ),
     "gradient_clipping_norm": _opt_real(1e-12, 1e6),
     "ema_decay": lambda v: v is None or (_opt_real(0.0, 1.0)(v) and v < 1.0),
     "progress_bar": lambda v: isinstance(v, bool),
@@ -377,7 +454,9 @@ _TRAIN_OPTION_RULES: dict[str, Any] = {
 }
 
 
-def clean_train_options(options: Any, source: PathLike | None) -> tuple[dict[str, Any] | None, list[str]]:
+def clean_train_options(
+    options: Any, source: PathLike | None
+) -> tuple[dict[str, Any] | None, list[str]]:
     """The ``train()`` options a file recorded, from an allowlist with ranges; anything else
     is dropped with a warning (the option then takes its default).
 

@@ -48,9 +48,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def check_meta_model(
-    model: nn.Module, weights: Mapping[str, Any], source: PathLike | None
-) -> bool:
+def check_meta_model(model: nn.Module, weights: Mapping[str, Any], source: PathLike | None) -> bool:
     """Check a meta-device ``model`` against a checkpoint's ``weights``; return whether the
     weights supply every parameter and buffer (then the model can take them as they are).
 

@@ -178,9 +178,11 @@ def _optional_callable(
 
 
 def _safe_name(name: Any) -> bool:
-    return isinstance(name, str) and 0 < len(name) <= 64 and name.replace("_", "a").replace(
-        "-", "a"
-    ).replace(".", "a").isalnum()
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and name.replace("_", "a").replace("-", "a").replace(".", "a").isalnum()
+    )
 
 
 def resolve_payload(
@@ -203,10 +205,17 @@ def resolve_payload(
         )
     if payload.get("scheduler") and not skip["scheduler"]:
         r.scheduler = _optional_class(
-            r, policy, payload["scheduler"]["class"], "scheduler", "scheduler.class", "the scheduler"
+            r,
+            policy,
+            payload["scheduler"]["class"],
+            "scheduler",
+            "scheduler.class",
+            "the scheduler",
         )
     if payload.get("loss"):
-        r.loss = _optional_callable(r, policy, payload["loss"]["fn"], "loss.fn", "the loss function", path)
+        r.loss = _optional_callable(
+            r, policy, payload["loss"].get("fn"), "loss.fn", "the loss function", path
+        )
     for name, rec in (payload.get("metrics") or {}).items():
         if not _safe_name(name):
             raise CheckpointError(
@@ -221,7 +230,7 @@ def resolve_payload(
     if not skip["callbacks"]:
         for i, rec in enumerate(payload.get("callbacks") or []):
             cls = _optional_class(
-                r, policy, rec["class"], "callback", f"callbacks[{i}].class", "a callback"
+                r, policy, rec.get("class"), "callback", f"callbacks[{i}].class", "a callback"
             )
             if cls is not None:
                 r.callbacks.append((cls, rec))
@@ -229,7 +238,9 @@ def resolve_payload(
         for key in ("sde", "sampler"):
             rec = payload.get(key)
             if rec:
-                cls = _optional_class(r, policy, rec["class"], key, f"{key}.class", f"the {key}")
+                cls = _optional_class(
+                    r, policy, rec.get("class"), key, f"{key}.class", f"the {key}"
+                )
                 if cls is not None:
                     setattr(r, key, (cls, rec))
     dropped = policy.dropped_message()
@@ -241,7 +252,13 @@ def resolve_payload(
 def _sanitize(payload: dict[str, Any], path: str, own: bool, messages: list[str]) -> None:
     """Confine paths (unless ``own``), apply option allowlists and range checks, in place."""
     model = payload["model"]
-    if model.get("compile") is not None:
+    if model.get("compile") is not None and not own:
+        messages.append(
+            f"checkpoint {path!r} is not your own, so its model is not compiled (compiling runs "
+            "a code generator and a C++ toolchain); call handler.compile_model(...) to compile it"
+        )
+        model["compile"] = None
+    elif model.get("compile") is not None:
         model["compile"], notes = compile_options(model["compile"], source=path)
         messages.extend(notes)
     data = payload.get("data") or {}
@@ -265,7 +282,9 @@ def _sanitize(payload: dict[str, Any], path: str, own: bool, messages: list[str]
                 kind="damaged",
             )
         payload["auto_saver"] = saver
-    payload["last_train_kwargs"], notes = clean_train_options(payload.get("last_train_kwargs"), path)
+    payload["last_train_kwargs"], notes = clean_train_options(
+        payload.get("last_train_kwargs"), path
+    )
     messages.extend(notes)
     state = payload.get("train_state")
     if state is not None:
@@ -485,7 +504,9 @@ def _restore_optimization(
         if not skip_optimizer:
             optimizer = h._adapter.optimizer
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            check_optimizer_state(rec["state_dict"], optimizer.state_dict(), path, params)
+            check_optimizer_state(
+                rec["state_dict"], optimizer.state_dict(), path, params, type(optimizer)
+            )
             try:
                 optimizer.load_state_dict(rec["state_dict"])
             except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
@@ -565,11 +586,11 @@ def _check_callback_state(state: Any, path: str, i: int) -> None:
             and not bool(torch.isfinite(value).all())
         ):
             raise CheckpointError(
-                    f"checkpoint {path!r}: record 'callbacks[{i}].state' holds NaN or inf "
-                    "tensors; nnh used none of it.",
-                    path=path,
-                    kind="damaged",
-                )
+                f"checkpoint {path!r}: record 'callbacks[{i}].state' holds NaN or inf "
+                "tensors; nnh used none of it.",
+                path=path,
+                kind="damaged",
+            )
 
 
 def _model_shapes(h: NNHandler) -> dict[str, torch.Size]:
@@ -689,6 +710,8 @@ def _restore_loader(h: NNHandler, which: str, record: dict[str, Any] | None) -> 
         ):
             raise ValueError("the embedded dataset is not 1 to 16 tensors of one non-zero length")
         check_dense({str(i): t for i, t in enumerate(tensors)}, None, f"data.{which}.tensors")
+        if h.model_type.value == "score_based" and not tensors[0].is_floating_point():
+            raise ValueError("a score model's embedded samples must be floating-point tensors")
         dataset: Any = TensorDataset(*tensors)
         if "indices" in record:
             indices = record["indices"]
@@ -721,11 +744,15 @@ def _restore_train_state(
 
     shapes = _model_shapes(h)
     params = {n: p.shape for n, p in h.module.named_parameters()}
-    check_tensor_dict(rec.get("ema"), shapes, path, "train_state.ema")
-    check_tensor_dict(rec.get("grads"), params, path, "train_state.grads")
+    dtypes = {n: p.dtype for n, p in h.module.named_parameters()}
+    dtypes.update({n: b.dtype for n, b in h.module.named_buffers()})
+    check_tensor_dict(rec.get("ema"), shapes, path, "train_state.ema", dtypes)
+    check_tensor_dict(rec.get("grads"), params, path, "train_state.grads", dtypes)
     scaler = rec.get("scaler")
     if scaler is not None:
-        check_tensor_dict(scaler, {k: v.shape for k, v in scaler.items()}, path, "train_state.scaler")
+        check_tensor_dict(
+            scaler, {k: v.shape for k, v in scaler.items()}, path, "train_state.scaler"
+        )
         if any(v.numel() > 1 for v in scaler.values()):
             raise CheckpointError(
                 f"checkpoint {path!r}: record 'train_state.scaler' is not a loss-scaler state",
