@@ -504,8 +504,13 @@ def _restore_optimization(
         if not skip_optimizer:
             optimizer = h._adapter.optimizer
             params = [p for group in optimizer.param_groups for p in group["params"]]
+            registered = lookup_path(type(optimizer), "optimizer") is not None
             check_optimizer_state(
-                rec["state_dict"], optimizer.state_dict(), path, params, type(optimizer)
+                rec["state_dict"],
+                optimizer.state_dict(),
+                path,
+                params,
+                type(optimizer) if registered else None,  # probe only registry optimizers
             )
             try:
                 optimizer.load_state_dict(rec["state_dict"])
