@@ -435,3 +435,30 @@ def test_a_damaged_global_name_is_reported_as_damage_not_as_a_planted_object(tmp
         NNHandler.load(str(bad))
     assert info.value.kind == "corrupt"
     assert "weights_only=False" not in str(info.value)
+
+
+@pytest.mark.parametrize("which", ["targets out of range", "float targets", "int inputs"])
+def test_a_foreign_files_data_that_does_not_fit_the_model_is_named_at_train(tmp_path, which):
+    def edit(p):
+        x, y = p["data"]["train"]["tensors"]
+        if which == "targets out of range":
+            y = torch.full_like(y, 10**6)
+        elif which == "float targets":
+            y = y.float()
+        else:
+            x = x.long()
+        p["data"]["train"]["tensors"] = [x, y]
+
+    h = load_quietly(foreign(tmp_path, edit))
+    with pytest.raises(CheckpointError) as info:
+        h.train(1, progress_bar=False)
+    assert info.value.kind == "incompatible_data" and "foreign.pth" in str(info.value)
+    h.set_train_loader(classification_data(64), batch_size=16)  # your own data: trains
+    h.train(1, progress_bar=False)
+
+
+def test_optimizer_groups_missing_a_setting_are_refused(tmp_path):
+    path = foreign(tmp_path, lambda p: p["optimizer"]["state_dict"]["param_groups"][0].pop("eps"))
+    with pytest.raises(CheckpointError) as info:
+        NNHandler.load(str(path))
+    assert info.value.kind == "damaged" and "eps" in str(info.value)

@@ -28,7 +28,9 @@ class CheckpointError(RuntimeError):
             ``"not_owned"`` (refused to overwrite a file another run or program wrote),
             ``"batch_size"`` (a step checkpoint resumed with another batch size),
             ``"write_failed"`` (a background write failed), ``"changed_while_saving"``
-            (state a background save copies late was changed before its copy).
+            (state a background save copies late was changed before its copy),
+            ``"too_large"`` (a file's model would need more memory than it stores),
+            ``"incompatible_data"`` (a foreign file's embedded data does not fit its model).
 
     Example:
         >>> err = CheckpointError("checkpoint 'a.pt' does not exist", path="a.pt", kind="missing")

@@ -320,6 +320,9 @@ def check_optimizer_state(
             raise _damaged(source, where, "is not a dict")
         if group.get("params") != ref["params"]:
             raise _damaged(source, f"{where}.params", "does not list the model's parameters")
+        missing = set(ref) - _GROUP_EXTRAS - set(group)
+        if missing:
+            raise _damaged(source, where, f"lacks the settings {sorted(missing)[:5]}")
         ids.update(ref["params"])
         for key, value in group.items():
             if key in ("params", "param_names"):

@@ -687,6 +687,8 @@ def apply_payload(
     with _section(path, "rng"):
         restore_rng(payload["rng"])
     h._resume = None if resume is None else {**resume, "source": path}
+    if not resolved.own and data:  # errors on a stranger's data are named as such
+        h._restored_data = (path, h._train_loader, h._val_loader)
     for message in resolved.messages:
         _report(h, message)
 

@@ -47,6 +47,7 @@ from nnh.handler.data import build_loader, fast_loader, move_to_device
 from nnh.handler.devices import check_device
 from nnh.handler.ensemble import Ensemble, check_ensemble_size, gather_member_predictions
 from nnh.handler.enums import LoggingMode, ModelType
+from nnh.handler.foreign_data import guard_restored_data
 from nnh.handler.history import History
 from nnh.handler.logs import make_logger
 from nnh.handler.metric_objects import as_handler_metric
@@ -841,6 +842,7 @@ class NNHandler:
         for m in self._keep_eval:
             m.eval()
 
+    @guard_restored_data
     @remembers_train_options
     def train(
         self,
