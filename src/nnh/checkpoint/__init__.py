@@ -12,8 +12,11 @@ it. Guarantees:
   file, the problem and what to do;
 * classes are recorded by import path (:func:`import_path`), and stored model source runs
   only on explicit ``trust_code=True`` (:func:`rebuild_class_from_source`);
-* every class or function a file names is resolved and type-checked against what its slot
-  expects before anything is called (:mod:`.trust`).
+* a file only *selects* from a closed registry with schema-checked arguments
+  (:mod:`.registry`); user code is restored only when the user vouches for it — the file
+  is their own (signed with their key, :mod:`.signing`), or passed in ``trusted=`` /
+  ``trust_modules=`` (:mod:`.policy`) — and vouched names are still type-checked
+  against their slot (:mod:`.trust`).
 
 Example:
     >>> import tempfile, torch

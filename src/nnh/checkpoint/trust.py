@@ -1,6 +1,9 @@
-"""Resolving the names a checkpoint holds, and checking them before anything is called.
+"""Type checks for names the user vouched for (see :mod:`nnh.checkpoint.policy`).
 
-A checkpoint is data from a stranger. ``torch.load(weights_only=True)`` stops pickled code,
+Since the second trust round a file from a stranger only selects from nnh's registry
+(:mod:`nnh.checkpoint.registry`); the rules here apply to names the user vouched for (their
+own signed file, ``trusted=``, ``trust_modules=``), which are imported and must still fit
+their slot. Background: ``torch.load(weights_only=True)`` stops pickled code,
 but a valid file can still *name* any importable callable: ``"os.system"`` as a callback
 class, ``"shutil.rmtree"`` as a loss. Every name is therefore resolved here and checked
 against what its slot expects *before* it is called:
