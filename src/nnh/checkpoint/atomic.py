@@ -23,6 +23,7 @@ import secrets
 import socket
 import stat
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,18 +111,14 @@ def _fsync_folder(folder: Path) -> None:
 _LOW_SPACE = 8 * 2**20
 
 
-def _write_failure(final: Path, tmp: Path, err: BaseException) -> CheckpointError | None:
+def _write_failure(final: Path, written: int, err: BaseException) -> CheckpointError | None:
     """Explain a failed write when the cause is the disk or a size limit (else ``None``).
 
-    torch's writer reports a full disk as ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos``, without the path or the cause; the file system
-    tells the truth.
+    ``written`` is the size the temporary file had reached. torch's writer reports a full
+    disk as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, without
+    the path or the cause; the file system tells the truth.
     """
     code = getattr(err, "errno", None)
-    try:
-        written = tmp.stat().st_size
-    except OSError:
-        written = 0
     try:
         info = os.statvfs(final.parent)
         free = info.f_bavail * info.f_frsize
@@ -228,28 +225,62 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
+def _size(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return 0
+
+
+def _release_failed_write(err: BaseException, fd: int) -> int:
+    """Give back the space of a failed write at once; return the size it had reached.
+
+    A writer that opened the file by name (torch's C++ writer does) keeps it open for as
+    long as its object lives, and the exception's traceback keeps that object alive: an
+    unlinked file stays on the disk until then, so after a full-disk error the next, smaller
+    save would fail too. The failed write's frames are cleared (their writer objects close
+    their files now), and the file is truncated through ``fd``, which frees its blocks
+    whoever else may still hold it open.
+    """
+    traceback.clear_frames(err.__traceback__)
+    written = _size(fd)
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    return written
+
+
 def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: bool) -> Path:
     """Claim a temp file, let ``write(tmp_path, fd)`` fill it, fsync, rename, fsync the folder.
 
     The fd of the claimed file stays open throughout, so the fsync covers whatever was
-    written to the file, by this fd or by name.
+    written to the file, by this fd or by name. On failure the temporary file is emptied,
+    closed and removed before the error propagates (:func:`_release_failed_write`).
     """
     final = Path(path)
     _prepare_destination(final)
     _release_cached_pages(final)
     tmp, fd = claim_temp_file(final)
     retired: Path | None = None
+    written: int | None = None
     try:
         try:
             write(tmp, fd)
             if durable:
                 os.fsync(fd)
+        except BaseException as err:
+            written = _release_failed_write(err, fd)
+            raise
         finally:
             os.close(fd)
         retired = _retire(final)
         os.replace(tmp, final)
     except BaseException as err:
-        explained = _write_failure(final, tmp, err) if isinstance(err, Exception) else None
+        if written is None:  # the rename failed: the file is complete
+            with contextlib.suppress(OSError):
+                written = tmp.stat().st_size
+        explained = (
+            _write_failure(final, written or 0, err) if isinstance(err, Exception) else None
+        )
         with contextlib.suppress(OSError):
             tmp.unlink()
         if retired is not None:  # the rename failed: the old file keeps its only name

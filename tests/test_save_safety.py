@@ -1,0 +1,112 @@
+"""Save safety: a failed write gives its space back at once, only finite states are written
+(hyper-parameters, accumulated gradients and the loss scaler included), a refused newer
+snapshot never costs the queued good one, and the ownership check and the rename are one
+atomic step with respect to other nnh writers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from nnh import NNHandler
+from nnh.checkpoint import CheckpointError, list_temp_files
+
+PY = sys.executable
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+ENV = {**os.environ, "PYTHONPATH": SRC + os.pathsep + str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+
+
+def linear(size: int) -> NNHandler:
+    return NNHandler(nn.Linear, in_features=size, out_features=size, model_type="regression")
+
+
+def open_deleted_files(folder: Path) -> list[str]:
+    """Files under ``folder`` this process still holds open although they were removed."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(folder)) and target.endswith("(deleted)"):
+            found.append(target)
+    return found
+
+
+# ----------------------------------------------------------------- 1. a failed write's space
+
+
+@pytest.fixture
+def tiny_disk():
+    """A real 1 MiB file system (tmpfs; CI runs as root). Mounted outside pytest's tmp
+    folders, which concurrent pytest runs may rename while they clean up."""
+    mount = Path(tempfile.mkdtemp(prefix="nnh-tiny-disk-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+        mount.rmdir()
+
+
+def test_a_full_disk_error_gives_the_space_back_at_once(tiny_disk):
+    path = tiny_disk / "model.pth"
+    with pytest.raises(CheckpointError, match="no space left on device") as info:
+        linear(1024).save(str(path))  # 4 MiB: does not fit
+    assert info.value.kind == "disk_full"
+    # the error (and its traceback) is still alive: the space must be free all the same
+    assert open_deleted_files(tiny_disk) == []
+    assert list(tiny_disk.iterdir()) == []
+    linear(300).save(str(path))  # 360 KiB: fits once the failed write is gone
+    assert [p.name for p in tiny_disk.iterdir()] == ["model.pth"]
+    del info
+
+
+def test_a_full_disk_error_of_a_background_save_gives_the_space_back_at_once(tiny_disk):
+    path = tiny_disk / "model.pth"
+    big = linear(1024)
+    handle = big.save(str(path), blocking=False)
+    err = handle.exception(timeout=60)  # kept on the handle until the next call raises it
+    assert isinstance(err, CheckpointError) and err.kind == "disk_full", err
+    assert open_deleted_files(tiny_disk) == []
+    assert list_temp_files(tiny_disk) == [] and list(tiny_disk.iterdir()) == []
+    small = linear(300)
+    assert small.save(str(path), blocking=False).result(timeout=60) == path
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        big.wait_for_saves()
+    assert [p.name for p in tiny_disk.iterdir()] == ["model.pth"]
+
+
+def test_a_file_size_limit_error_closes_and_removes_the_temporary_file(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import os, resource
+        from pathlib import Path
+        from torch import nn
+        from nnh import NNHandler
+        from nnh.checkpoint import CheckpointError
+        from test_save_safety import open_deleted_files
+        folder = Path({str(tmp_path)!r})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        for blocking in (True, False):
+            h = NNHandler(nn.Linear, in_features=1024, out_features=1024, model_type="regression")
+            try:
+                if blocking:
+                    h.save(str(folder / "model.pth"))
+                    err = None
+                else:
+                    err = h.save(str(folder / "model.pth"), blocking=False).exception(timeout=60)
+            except CheckpointError as caught:
+                err = caught
+            print(err.kind, sorted(os.listdir(folder)), open_deleted_files(folder))
+        """
+    )
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert out.stdout.splitlines() == ["file_too_large [] []"] * 2, out.stdout + out.stderr
