@@ -5,18 +5,25 @@ atomic step with respect to other nnh writers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 from pathlib import Path
 
+import attrs
 import pytest
+import torch
+from models import MLP, classification_data
+from tensordict import TensorDict
 from torch import nn
 
 from nnh import NNHandler
-from nnh.checkpoint import CheckpointError, list_temp_files
+from nnh.checkpoint import CheckpointError, list_temp_files, load_checkpoint
+from nnh.handler.saving import NonFiniteStateError, write_step_checkpoint
 
 PY = sys.executable
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -110,3 +117,92 @@ def test_a_file_size_limit_error_closes_and_removes_the_temporary_file(tmp_path)
     )
     out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert out.stdout.splitlines() == ["file_too_large [] []"] * 2, out.stdout + out.stderr
+
+
+# ----------------------------------------------------------------- 2. finite everywhere
+
+
+def trained(tmp_path: Path) -> NNHandler:
+    torch.manual_seed(0)
+    h = NNHandler(MLP, model_type="classification")
+    h.set_optimizer(torch.optim.Adam, lr=1e-2)
+    h.set_loss_fn(nn.functional.cross_entropy)
+    h.set_train_loader(classification_data(64), batch_size=16, shuffle=False)
+    h.train(1, progress_bar=False)
+    return h
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lr", float("nan")), ("betas", (0.9, float("nan"))), ("eps", float("inf")),
+     ("weight_decay", float("-inf"))],
+)  # fmt: skip
+def test_a_non_finite_hyper_parameter_refuses_the_save(tmp_path, key, value, blocking):
+    h = trained(tmp_path)
+    path = tmp_path / "run.pth"
+    h.save(str(path))
+    before = path.read_bytes()
+    h.optimizer.param_groups[0][key] = value
+    if blocking:
+        with pytest.raises(NonFiniteStateError, match=f"optimizer {key}") as info:
+            h.save(str(path))
+    else:
+        err = h.save(str(path), blocking=False).exception(timeout=60)
+        assert isinstance(err, NonFiniteStateError) and f"optimizer {key}" in str(err)
+        with pytest.raises(NonFiniteStateError) as info:
+            h.wait_for_saves()
+    assert info.value.kind == "non_finite" and str(path) in str(info.value)
+    assert path.read_bytes() == before
+
+
+def test_a_tensor_learning_rate_is_checked_too(tmp_path):
+    h = trained(tmp_path)
+    h.optimizer.param_groups[0]["lr"] = torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteStateError, match="optimizer lr"):
+        h.save(str(tmp_path / "run.pth"))
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_step_checkpoint_with_non_finite_accumulated_gradients_is_not_written(
+    tmp_path, background
+):
+    torch.manual_seed(0)
+    h = NNHandler(MLP, model_type="classification")
+    h.set_optimizer(torch.optim.SGD, lr=1e-2)
+    h.set_loss_fn(nn.functional.cross_entropy)
+    h.set_train_loader(classification_data(64), batch_size=16, shuffle=False)
+    h.auto_save(None, save_path=str(tmp_path), name="run", every_n_steps=1, async_save=background)
+    calls = []
+
+    def poison_second_batch(grad):
+        calls.append(1)
+        return grad * float("nan") if len(calls) == 2 else grad
+
+    next(h.module.parameters()).register_hook(poison_second_batch)
+    # one window of 4 micro-batches: the loss stays finite, the gradients go NaN at batch 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with contextlib.suppress(FloatingPointError):
+            h.train(1, gradient_accumulation_steps=4, progress_bar=False)
+    step_file = h.auto_saver.step_path()
+    saved = load_checkpoint(step_file)
+    assert saved["resume"]["batch_offset"] == 1  # the only state with finite gradients
+    assert torch.isfinite(torch.stack([g.sum() for g in saved["train_state"]["grads"].values()])).all()
+    assert any("accumulated gradient of" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_non_finite_loss_scale_refuses_a_step_checkpoint(tmp_path, background):
+    h = trained(tmp_path)
+    path = tmp_path / "step.pth"
+    h.save(str(path))
+    before = path.read_bytes()
+    scaler = TensorDict({"scale": torch.tensor(float("inf")), "growth_tracker": torch.zeros((), dtype=torch.int32)}, batch_size=[])
+    h._state = attrs.evolve(h._state, scaler=scaler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_step_checkpoint(h, str(path), resume={"epoch": 1}, background=background)
+        h.wait_for_saves()
+    assert any("loss scaler scale" in str(w.message) for w in caught)
+    assert path.read_bytes() == before

@@ -3,8 +3,10 @@
 :func:`write_checkpoint` is what ``NNHandler.save`` and every automatic save run. Before a
 byte is written it checks, on every rank (the answer is the same on all of them):
 
-* the state is finite: parameters, buffers, optimizer state and EMA weights, and for a
-  mid-epoch checkpoint the running loss of the epoch (:mod:`nnh.handler.finite`). A recovery
+* the state is finite: parameters, buffers, optimizer state and hyper-parameters (every
+  float of ``param_groups``), EMA weights, the loss-scaler state, the gradients of an open
+  accumulation window, and for a mid-epoch checkpoint the running loss of the epoch
+  (:mod:`nnh.handler.finite`). A recovery
   file is never replaced by a diverged state; the last good one stays (a background save
   checks its snapshot on the writer thread instead);
 * for automatic saves whose configuration came from a checkpoint file, that the target is
