@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from tensordict import TensorDict
 from torch import nn
 
 from nnh import NNHandler
-from nnh.checkpoint import CheckpointError, list_temp_files, load_checkpoint
+from nnh.checkpoint import CheckpointError, list_temp_files, load_checkpoint, save_checkpoint
+from nnh.checkpoint.background import BackgroundWriter
 from nnh.handler.saving import NonFiniteStateError, write_step_checkpoint
 
 PY = sys.executable
@@ -206,3 +208,83 @@ def test_a_non_finite_loss_scale_refuses_a_step_checkpoint(tmp_path, background)
         h.wait_for_saves()
     assert any("loss scaler scale" in str(w.message) for w in caught)
     assert path.read_bytes() == before
+
+
+# ----------------------------------------------------------------- 3. a refused newer snapshot
+
+
+@pytest.fixture
+def gated_writer():
+    """A background writer whose writes wait for ``gate`` (set it to let them go)."""
+    gate, started = threading.Event(), []
+
+    def gated_write(payload, path):
+        started.append(path)
+        assert gate.wait(timeout=60)
+        save_checkpoint(payload, path)
+
+    writer = BackgroundWriter(write=gated_write)
+    yield writer, gate, started
+    gate.set()
+    writer.wait(timeout=60)
+
+
+def wait_until(condition) -> None:
+    for _ in range(6000):
+        if condition():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("condition never became true")
+
+
+@pytest.mark.parametrize("refused", [1, 2])
+def test_a_refused_newer_snapshot_does_not_cost_the_queued_good_one(tmp_path, gated_writer, refused):
+    writer, gate, started = gated_writer
+    h = trained(tmp_path)
+    h._saves = writer
+    h.save(str(tmp_path / "other.pth"), blocking=False)  # the writer is busy with this one
+    wait_until(lambda: started)
+    good = h.save(str(tmp_path / "run.pth"), blocking=False)  # queued
+    h.optimizer.param_groups[0]["lr"] = float("nan")
+    bad = [h.save(str(tmp_path / "run.pth"), blocking=False) for _ in range(refused)]
+    assert good.superseded and not good.done()
+    gate.set()
+    for handle in bad:  # the NaN snapshot is refused ...
+        assert isinstance(handle.exception(timeout=60), NonFiniteStateError)
+    assert good.result(timeout=60) == tmp_path / "run.pth"  # ... and the good one written
+    assert not good.superseded
+    saved = load_checkpoint(tmp_path / "run.pth")
+    assert saved["optimizer"]["state_dict"]["param_groups"][0]["lr"] == 1e-2
+    with pytest.raises(NonFiniteStateError, match="optimizer lr"):
+        h.wait_for_saves()
+    h.wait_for_saves()  # reported once
+    assert started == [tmp_path / "other.pth", tmp_path / "run.pth"]
+
+
+def test_a_good_newer_snapshot_still_supersedes_the_queued_one(tmp_path, gated_writer):
+    writer, gate, started = gated_writer
+    h = trained(tmp_path)
+    h._saves = writer
+    h.save(str(tmp_path / "other.pth"), blocking=False)
+    wait_until(lambda: started)
+    first = h.save(str(tmp_path / "run.pth"), blocking=False)
+    h.optimizer.param_groups[0]["lr"] = 0.5
+    second = h.save(str(tmp_path / "run.pth"), blocking=False)
+    gate.set()
+    assert first.superseded and first.result(timeout=60) == second.result(timeout=60)
+    h.wait_for_saves()
+    assert load_checkpoint(tmp_path / "run.pth")["optimizer"]["state_dict"]["param_groups"][0]["lr"] == 0.5
+    assert len(started) == 2  # the superseded snapshot was never written
+
+
+def test_a_failed_write_of_the_newer_snapshot_is_reported_once(tmp_path, gated_writer):
+    writer, gate, started = gated_writer
+    writer.submit({"w": torch.ones(1)}, tmp_path / "other.pth")
+    wait_until(lambda: started)
+    target = tmp_path / "a_file" / "x.pth"
+    (tmp_path / "a_file").write_text("a file where a folder should be")
+    first = writer.submit({"w": torch.ones(1)}, target)
+    second = writer.submit({"w": torch.ones(1)}, target)
+    gate.set()
+    assert first.exception(timeout=60) is second.exception(timeout=60) is not None
+    assert len(writer.wait(timeout=60)) == 1
