@@ -25,7 +25,8 @@ from torch import nn
 from nnh import NNHandler
 from nnh.checkpoint import CheckpointError, list_temp_files, load_checkpoint, save_checkpoint
 from nnh.checkpoint.background import BackgroundWriter
-from nnh.handler.saving import NonFiniteStateError, write_step_checkpoint
+from nnh.checkpoint.ownership import read_run_id
+from nnh.handler.saving import NonFiniteStateError, submit_checkpoint, write_step_checkpoint
 
 PY = sys.executable
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -288,3 +289,100 @@ def test_a_failed_write_of_the_newer_snapshot_is_reported_once(tmp_path, gated_w
     gate.set()
     assert first.exception(timeout=60) is second.exception(timeout=60) is not None
     assert len(writer.wait(timeout=60)) == 1
+
+
+# ----------------------------------------------------------------- 4. ownership at the rename
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_two_runs_saving_to_one_name_never_replace_each_other(tmp_path, monkeypatch, trial):
+    monkeypatch.chdir(tmp_path)  # a folder under the working folder: guarded saves may write
+    gate, started = threading.Event(), []
+
+    def gated_write(payload, path):
+        started.append(path)
+        assert gate.wait(timeout=60)
+        save_checkpoint(payload, path)
+
+    runs = [linear(64), linear(64)]
+    outcomes = []
+    for index, h in enumerate(runs):  # each writer busy: both guarded saves pass the call's check
+        h._saves = BackgroundWriter(write=gated_write)
+        h.save(f"busy-{index}.pth", blocking=False)
+        wait_until(lambda index=index: len(started) > index)
+    for h in runs:
+        outcomes.append(submit_checkpoint(h, "run.pth", guard_replace=True))
+    gate.set()
+    errors = [handle.exception(timeout=60) for handle in outcomes]
+    winners = [h for h, err in zip(runs, errors, strict=True) if err is None]
+    losers = [err for err in errors if err is not None]
+    assert len(winners) == 1 and len(losers) == 1, errors
+    assert losers[0].kind == "not_owned" and "run.pth" in str(losers[0])
+    assert read_run_id(tmp_path / "run.pth") == winners[0]._run_id
+    assert list_temp_files(tmp_path) == []
+    with pytest.raises(CheckpointError, match="not written by this run"):
+        for h in runs:
+            h.wait_for_saves()
+
+
+RACER = """
+import sys, os, time
+from pathlib import Path
+from torch import nn
+from nnh import NNHandler
+from nnh.checkpoint import CheckpointError
+from nnh.handler.saving import write_checkpoint, submit_checkpoint
+me, other, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+h = NNHandler(nn.Linear, in_features=256, out_features=256, model_type="regression")
+print("run", h._run_id, flush=True)
+
+def barrier(name):
+    Path(f"ready-{name}-{me}").touch()
+    while not Path(f"ready-{name}-{other}").exists():
+        time.sleep(0.001)
+
+def save(name, background):
+    try:
+        if background:
+            err = submit_checkpoint(h, name, guard_replace=True).exception(timeout=60)
+            if err is not None:
+                raise err
+        else:
+            write_checkpoint(h, name, guard_replace=True)
+        print("ok", name, flush=True)
+    except CheckpointError as err:
+        print(err.kind, name, flush=True)
+
+for i in range(rounds):
+    barrier(i)
+    save(f"r{i}.pth", background=i % 2 == 1)
+barrier("same")
+for j in range(rounds):
+    save("same.pth", background=j % 2 == 1)
+"""
+
+
+def test_two_processes_saving_to_one_name_never_replace_each_other(tmp_path):
+    script = tmp_path / "racer.py"
+    script.write_text(RACER)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    rounds = 12
+    procs = [
+        subprocess.Popen([PY, str(script), me, other, str(rounds)], cwd=folder, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for me, other in (("a", "b"), ("b", "a"))
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    runs, wins = [], []
+    for out, _ in outs:
+        lines = [line.split() for line in out.splitlines()]
+        runs.append(lines[0][1])
+        wins.append({name for kind, name in lines[1:] if kind == "ok"})
+        assert {kind for kind, _ in lines[1:]} <= {"ok", "not_owned"}, out
+    for name in [f"r{i}.pth" for i in range(rounds)] + ["same.pth"]:
+        owners = [run for run, won in zip(runs, wins, strict=True) if name in won]
+        assert len(owners) == 1, (name, owners)  # the other process never replaced it
+        assert read_run_id(folder / name) == owners[0]
+    assert list_temp_files(folder) == []

@@ -8,6 +8,14 @@ name, never a partial one, even if the writer is killed with ``kill -9`` at any 
 ``durable=False`` skips the two fsyncs: still atomic against a killed process, not against
 a power cut.
 
+``before_replace`` (:func:`atomic_save`) makes the check and the rename one atomic step with
+respect to other nnh writers: an exclusive advisory lock (``fcntl.flock``) on a lock file
+next to the target, ``.{final name}.lock``, is held across ``before_replace(final)`` and the
+rename, so two writers (threads or processes) that check before replacing never replace each
+other's file between one's check and its rename. The lock file stays (it is empty and
+harmless; nothing needs to remove it). Where ``fcntl`` is missing (Windows) the check runs
+without the lock.
+
 Temporary files are named ``.{final name}.tmp-{host}-{pid}-{token}``. A writer that is
 killed mid-write leaves its temporary file behind (the final name is untouched);
 :func:`cleanup_stale_temps` removes those whose writer is gone.
@@ -24,7 +32,7 @@ import socket
 import stat
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -249,7 +257,30 @@ def _release_failed_write(err: BaseException, fd: int) -> int:
     return written
 
 
-def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: bool) -> Path:
+@contextlib.contextmanager
+def _replace_lock(final: Path) -> Iterator[None]:
+    """Hold the exclusive lock on ``final``'s lock file (see the module docstring)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        yield
+        return
+    lock = final.parent / f".{final.name[:_MAX_NAME_IN_TEMP]}.lock"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(lock, flags, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _atomic_write(
+    path: PathLike,
+    write: Callable[[Path, int], None],
+    durable: bool,
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
     """Claim a temp file, let ``write(tmp_path, fd)`` fill it, fsync, rename, fsync the folder.
 
     The fd of the claimed file stays open throughout, so the fsync covers whatever was
@@ -272,8 +303,14 @@ def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: b
             raise
         finally:
             os.close(fd)
-        retired = _retire(final)
-        os.replace(tmp, final)
+        if before_replace is None:
+            retired = _retire(final)
+            os.replace(tmp, final)
+        else:
+            with _replace_lock(final):
+                before_replace(final)
+                retired = _retire(final)
+                os.replace(tmp, final)
     except BaseException as err:
         if written is None:  # the rename failed: the file is complete
             with contextlib.suppress(OSError):
@@ -301,7 +338,14 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def atomic_save(obj: Any, path: PathLike, *, durable: bool = True, crc32: bool = True) -> Path:
+def atomic_save(
+    obj: Any,
+    path: PathLike,
+    *,
+    durable: bool = True,
+    crc32: bool = True,
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``obj`` with :func:`torch.save` so that ``path`` is never seen half-written.
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and
@@ -310,7 +354,10 @@ def atomic_save(obj: Any, path: PathLike, *, durable: bool = True, crc32: bool =
     existing file at ``path`` is left untouched. ``durable=False`` skips both fsyncs: the
     write stays atomic against a crashed process but not against a power cut.
     ``crc32=False`` skips the zip CRC-32 of every record, for payloads that carry their own
-    checksums (see :mod:`nnh.checkpoint.torch_file`).
+    checksums (see :mod:`nnh.checkpoint.torch_file`). ``before_replace(path)``, when given,
+    runs once the file is written, under an exclusive lock on ``path`` that other writers
+    passing ``before_replace`` also take, just before the rename: when it raises, nothing
+    is replaced and the temporary file is removed (see the module docstring).
 
     Returns the final path.
 
@@ -320,10 +367,19 @@ def atomic_save(obj: Any, path: PathLike, *, durable: bool = True, crc32: bool =
         >>> p = atomic_save({"w": torch.ones(2)}, f"{folder}/sub/model.pth")
         >>> torch.load(p, weights_only=True)["w"].tolist()
         [1.0, 1.0]
+        >>> def refuse(final):
+        ...     raise CheckpointError(f"{final.name} is taken", kind="not_owned")
+        >>> try:
+        ...     atomic_save({"w": torch.zeros(2)}, p, before_replace=refuse)
+        ... except CheckpointError as err:
+        ...     print(err, torch.load(p, weights_only=True)["w"].tolist())
+        model.pth is taken [1.0, 1.0]
     """
     # torch.save by file name (its C++ writer), not through a Python file object: measured
     # steadier on ext4, where closing the written file also starts its write-back early.
-    return _atomic_write(path, lambda tmp, _fd: write_torch_file(obj, tmp, crc32=crc32), durable)
+    return _atomic_write(
+        path, lambda tmp, _fd: write_torch_file(obj, tmp, crc32=crc32), durable, before_replace
+    )
 
 
 def atomic_write_bytes(data: bytes, path: PathLike, *, durable: bool = True) -> Path:
