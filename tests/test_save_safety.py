@@ -319,7 +319,7 @@ def test_two_runs_saving_to_one_name_never_replace_each_other(tmp_path, monkeypa
     assert len(winners) == 1 and len(losers) == 1, errors
     assert losers[0].kind == "not_owned" and "run.pth" in str(losers[0])
     assert read_run_id(tmp_path / "run.pth") == winners[0]._run_id
-    assert list_temp_files(tmp_path) == []
+    assert list_temp_files(tmp_path) == [] and list(tmp_path.glob(".*.lock")) == []
     with pytest.raises(CheckpointError, match="not written by this run"):
         for h in runs:
             h.wait_for_saves()
@@ -385,4 +385,4 @@ def test_two_processes_saving_to_one_name_never_replace_each_other(tmp_path):
         owners = [run for run, won in zip(runs, wins, strict=True) if name in won]
         assert len(owners) == 1, (name, owners)  # the other process never replaced it
         assert read_run_id(folder / name) == owners[0]
-    assert list_temp_files(folder) == []
+    assert list_temp_files(folder) == [] and list(folder.glob(".*.lock")) == []

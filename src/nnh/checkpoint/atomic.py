@@ -12,8 +12,9 @@ a power cut.
 respect to other nnh writers: an exclusive advisory lock (``fcntl.flock``) on a lock file
 next to the target, ``.{final name}.lock``, is held across ``before_replace(final)`` and the
 rename, so two writers (threads or processes) that check before replacing never replace each
-other's file between one's check and its rename. The lock file stays (it is empty and
-harmless; nothing needs to remove it). Where ``fcntl`` is missing (Windows) the check runs
+other's file between one's check and its rename. The holder removes the lock file before
+releasing it, and a writer that got the lock checks that the file it locked is still the one
+under that name (else it locks the new one), so no lock file is left behind. Where ``fcntl`` is missing (Windows) the check runs
 without the lock.
 
 Temporary files are named ``.{final name}.tmp-{host}-{pid}-{token}``. A writer that is
@@ -267,11 +268,25 @@ def _replace_lock(final: Path) -> Iterator[None]:
         return
     lock = final.parent / f".{final.name[:_MAX_NAME_IN_TEMP]}.lock"
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(lock, flags, 0o666)
+    while True:
+        fd = os.open(lock, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the holder before us may have removed the file: then lock the new one
+                held = os.path.samestat(os.fstat(fd), os.lstat(lock))
+            except FileNotFoundError:
+                held = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if held:
+            break
+        os.close(fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        with contextlib.suppress(OSError):  # removed while held: waiters see it and retry
+            lock.unlink()
         os.close(fd)  # releases the lock
 
 
