@@ -8,6 +8,15 @@ name, never a partial one, even if the writer is killed with ``kill -9`` at any 
 ``durable=False`` skips the two fsyncs: still atomic against a killed process, not against
 a power cut.
 
+``before_replace`` (:func:`atomic_save`) makes the check and the rename one atomic step with
+respect to other nnh writers: an exclusive advisory lock (``fcntl.flock``) on a lock file
+next to the target, ``.{final name}.lock``, is held across ``before_replace(final)`` and the
+rename, so two writers (threads or processes) that check before replacing never replace each
+other's file between one's check and its rename. The holder removes the lock file before
+releasing it, and a writer that got the lock checks that the file it locked is still the one
+under that name (else it locks the new one), so no lock file is left behind. Where ``fcntl`` is missing (Windows) the check runs
+without the lock.
+
 Temporary files are named ``.{final name}.tmp-{host}-{pid}-{token}``. A writer that is
 killed mid-write leaves its temporary file behind (the final name is untouched);
 :func:`cleanup_stale_temps` removes those whose writer is gone.
@@ -23,7 +32,8 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -110,18 +120,14 @@ def _fsync_folder(folder: Path) -> None:
 _LOW_SPACE = 8 * 2**20
 
 
-def _write_failure(final: Path, tmp: Path, err: BaseException) -> CheckpointError | None:
+def _write_failure(final: Path, written: int, err: BaseException) -> CheckpointError | None:
     """Explain a failed write when the cause is the disk or a size limit (else ``None``).
 
-    torch's writer reports a full disk as ``RuntimeError: [enforce fail at
-    inline_container.cc] unexpected pos``, without the path or the cause; the file system
-    tells the truth.
+    ``written`` is the size the temporary file had reached. torch's writer reports a full
+    disk as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, without
+    the path or the cause; the file system tells the truth.
     """
     code = getattr(err, "errno", None)
-    try:
-        written = tmp.stat().st_size
-    except OSError:
-        written = 0
     try:
         info = os.statvfs(final.parent)
         free = info.f_bavail * info.f_frsize
@@ -228,28 +234,105 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
 
 
-def _atomic_write(path: PathLike, write: Callable[[Path, int], None], durable: bool) -> Path:
+def _size(fd: int) -> int:
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return 0
+
+
+def _release_failed_write(err: BaseException, fd: int) -> int:
+    """Give back the space of a failed write at once; return the size it had reached.
+
+    A writer that opened the file by name (torch's C++ writer does) keeps it open for as
+    long as its object lives, and the exception's traceback keeps that object alive: an
+    unlinked file stays on the disk until then, so after a full-disk error the next, smaller
+    save would fail too. The failed write's frames are cleared (their writer objects close
+    their files now), and the file is truncated through ``fd``, which frees its blocks
+    whoever else may still hold it open.
+    """
+    traceback.clear_frames(err.__traceback__)
+    written = _size(fd)
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    return written
+
+
+@contextlib.contextmanager
+def _replace_lock(final: Path) -> Iterator[None]:
+    """Hold the exclusive lock on ``final``'s lock file (see the module docstring)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        yield
+        return
+    lock = final.parent / f".{final.name[:_MAX_NAME_IN_TEMP]}.lock"
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        fd = os.open(lock, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the holder before us may have removed the file: then lock the new one
+                held = os.path.samestat(os.fstat(fd), os.lstat(lock))
+            except FileNotFoundError:
+                held = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if held:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # removed while held: waiters see it and retry
+            lock.unlink()
+        os.close(fd)  # releases the lock
+
+
+def _atomic_write(
+    path: PathLike,
+    write: Callable[[Path, int], None],
+    durable: bool,
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
     """Claim a temp file, let ``write(tmp_path, fd)`` fill it, fsync, rename, fsync the folder.
 
     The fd of the claimed file stays open throughout, so the fsync covers whatever was
-    written to the file, by this fd or by name.
+    written to the file, by this fd or by name. On failure the temporary file is emptied,
+    closed and removed before the error propagates (:func:`_release_failed_write`).
     """
     final = Path(path)
     _prepare_destination(final)
     _release_cached_pages(final)
     tmp, fd = claim_temp_file(final)
     retired: Path | None = None
+    written: int | None = None
     try:
         try:
             write(tmp, fd)
             if durable:
                 os.fsync(fd)
+        except BaseException as err:
+            written = _release_failed_write(err, fd)
+            raise
         finally:
             os.close(fd)
-        retired = _retire(final)
-        os.replace(tmp, final)
+        if before_replace is None:
+            retired = _retire(final)
+            os.replace(tmp, final)
+        else:
+            with _replace_lock(final):
+                before_replace(final)
+                retired = _retire(final)
+                os.replace(tmp, final)
     except BaseException as err:
-        explained = _write_failure(final, tmp, err) if isinstance(err, Exception) else None
+        if written is None:  # the rename failed: the file is complete
+            with contextlib.suppress(OSError):
+                written = tmp.stat().st_size
+        explained = (
+            _write_failure(final, written or 0, err) if isinstance(err, Exception) else None
+        )
         with contextlib.suppress(OSError):
             tmp.unlink()
         if retired is not None:  # the rename failed: the old file keeps its only name
@@ -270,7 +353,14 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-def atomic_save(obj: Any, path: PathLike, *, durable: bool = True, crc32: bool = True) -> Path:
+def atomic_save(
+    obj: Any,
+    path: PathLike,
+    *,
+    durable: bool = True,
+    crc32: bool = True,
+    before_replace: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``obj`` with :func:`torch.save` so that ``path`` is never seen half-written.
 
     The bytes go to a temporary file in the same folder, which is flushed, fsynced and
@@ -279,7 +369,10 @@ def atomic_save(obj: Any, path: PathLike, *, durable: bool = True, crc32: bool =
     existing file at ``path`` is left untouched. ``durable=False`` skips both fsyncs: the
     write stays atomic against a crashed process but not against a power cut.
     ``crc32=False`` skips the zip CRC-32 of every record, for payloads that carry their own
-    checksums (see :mod:`nnh.checkpoint.torch_file`).
+    checksums (see :mod:`nnh.checkpoint.torch_file`). ``before_replace(path)``, when given,
+    runs once the file is written, under an exclusive lock on ``path`` that other writers
+    passing ``before_replace`` also take, just before the rename: when it raises, nothing
+    is replaced and the temporary file is removed (see the module docstring).
 
     Returns the final path.
 
@@ -289,10 +382,19 @@ def atomic_save(obj: Any, path: PathLike, *, durable: bool = True, crc32: bool =
         >>> p = atomic_save({"w": torch.ones(2)}, f"{folder}/sub/model.pth")
         >>> torch.load(p, weights_only=True)["w"].tolist()
         [1.0, 1.0]
+        >>> def refuse(final):
+        ...     raise CheckpointError(f"{final.name} is taken", kind="not_owned")
+        >>> try:
+        ...     atomic_save({"w": torch.zeros(2)}, p, before_replace=refuse)
+        ... except CheckpointError as err:
+        ...     print(err, torch.load(p, weights_only=True)["w"].tolist())
+        model.pth is taken [1.0, 1.0]
     """
     # torch.save by file name (its C++ writer), not through a Python file object: measured
     # steadier on ext4, where closing the written file also starts its write-back early.
-    return _atomic_write(path, lambda tmp, _fd: write_torch_file(obj, tmp, crc32=crc32), durable)
+    return _atomic_write(
+        path, lambda tmp, _fd: write_torch_file(obj, tmp, crc32=crc32), durable, before_replace
+    )
 
 
 def atomic_write_bytes(data: bytes, path: PathLike, *, durable: bool = True) -> Path:

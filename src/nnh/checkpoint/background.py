@@ -11,8 +11,18 @@ Rules:
 * at most one queued write per target file: a newer snapshot for a file whose previous
   write has not started yet *supersedes* it (the older handle completes with the newer
   write and reports ``superseded``); a write already under way is never interrupted;
-* at most ``max_queued`` snapshots wait at once; a further submission blocks until the
-  oldest is written, so memory stays bounded when saves outpace the disk;
+* a refused newer snapshot never costs a good queued one: when a snapshot first
+  supersedes a queued one, the superseded snapshot is kept as the job's *fallback* (its
+  handles still say ``superseded``). The writer checks the newest snapshot; if it is
+  refused (its ``check`` raises, or its deferred copy failed), its handle fails with the
+  refusal and the fallback is checked and written instead (its handles then complete with
+  that write and stop saying ``superseded``). Snapshots superseded in between are dropped
+  unchecked, as before; the fallback is the earliest snapshot queued for the file, so a
+  divergence (a good state, then only NaN ones) keeps the good one. The checks stay on the
+  writer thread, and a queued file holds at most two snapshots;
+* at most ``max_queued`` files wait at once (each with at most two snapshots, see above); a
+  further submission blocks until the oldest is written, so memory stays bounded when
+  saves outpace the disk;
 * pending writes finish before the interpreter exits (the thread pool joins at exit);
 * a failed write is kept on its handle (:meth:`SaveHandle.exception`), never lost;
 * ``check(snapshot)`` (optional) runs on the writer thread before the write; when it raises,
@@ -274,6 +284,18 @@ class SaveHandle:
 Check = Callable[[dict[str, Any]], None]
 
 
+def _write_failed(path: Path, err: BaseException) -> CheckpointError:
+    """``err`` (not a :class:`CheckpointError`) as one that names the file."""
+    wrapped = CheckpointError(
+        f"background save of {str(path)!r} failed: {type(err).__name__}: {err}. "
+        "The previous file under that name, if any, is untouched.",
+        path=path,
+        kind="write_failed",
+    )
+    wrapped.__cause__ = err
+    return wrapped
+
+
 class _Job:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -281,12 +303,14 @@ class _Job:
         self.after: Callable[[Path], None] | None = None
         self.check: Check | None = None
         self.on_refused: Callable[[CheckpointError], None] | None = None
+        self.write: Callable[[dict[str, Any], Path], Any] | None = None
         self.copier: _Copier | None = None
         self.staged: Future | None = None  # the deferred copies, made by the stager
         self.future: Future = Future()
         self.started = False
         self.refusal_reported = False
         self.handles: list[SaveHandle] = []
+        self.fallback: _Job | None = None  # the first superseded snapshot, if still queued
 
     def load(
         self, payload: dict[str, Any], copier: _Copier, staged: Future | None, **options: Any
@@ -298,6 +322,23 @@ class _Job:
             options["check"],
             options["on_refused"],
         )
+        self.write = options.get("write")
+
+    def supersede(
+        self, payload: dict[str, Any], copier: _Copier, staged: Future | None, **options: Any
+    ) -> SaveHandle:
+        """Take a newer snapshot; the first one superseded stays as the fallback (with its
+        handles and future), later ones are dropped (their handles follow the newer one)."""
+        if self.fallback is None:
+            kept = self.fallback = _Job(self.path)
+            kept.load(self.payload, self.copier, self.staged, after=self.after,  # type: ignore[arg-type]
+                      check=self.check, on_refused=self.on_refused, write=self.write)  # fmt: skip
+            kept.future, kept.handles = self.future, self.handles
+            for earlier in kept.handles:
+                earlier.superseded = True
+            self.future, self.handles = Future(), []
+        self.load(payload, copier, staged, **options)
+        return self.handle()
 
     def handle(self) -> SaveHandle:
         """A new handle on this job; the earlier ones are now superseded."""
@@ -336,8 +377,30 @@ class BackgroundWriter:
             if self._queued.get(job.path) is job:
                 del self._queued[job.path]
             job.started = True
+            fallback, job.fallback = job.fallback, None
         self._slots.release()
+        refused = self._attempt(job)
+        if fallback is None:
+            return
+        if refused:  # the newest snapshot was bad: write the one it superseded
+            for handle in fallback.handles:
+                handle.superseded = False
+            self._attempt(fallback)
+            return
+        err = job.future.exception()  # the fallback's handles complete with the newer write
+        if err is None:
+            fallback.future.set_result(job.path)
+        else:
+            fallback.refusal_reported = True  # reported once, by the newer job
+            fallback.future.set_exception(err)
+        fallback.payload, fallback.copier = {}, None
+
+    def _attempt(self, job: _Job) -> bool:
+        """Check and write ``job``'s snapshot; set its future. True when the snapshot itself
+        was refused (its check raised or its deferred copy failed), not its write."""
+        refused = False
         try:
+            refused = True
             if job.staged is not None:
                 job.staged.result()  # the deferred copies, or their error
             if job.check is not None:
@@ -348,25 +411,20 @@ class BackgroundWriter:
                         job.on_refused(err)
                         job.refusal_reported = True
                     raise
-            if self._write is None:
+            refused = False
+            write = job.write or self._write
+            if write is None:
                 from nnh.checkpoint import save_checkpoint
 
                 save_checkpoint(job.payload, job.path)
             else:
-                self._write(job.payload, job.path)
+                write(job.payload, job.path)
             if job.after is not None:
                 job.after(job.path)
         except CheckpointError as err:
             job.future.set_exception(err)
         except BaseException as err:  # name the file: the error surfaces later, elsewhere
-            wrapped = CheckpointError(
-                f"background save of {str(job.path)!r} failed: {type(err).__name__}: {err}. "
-                "The previous file under that name, if any, is untouched.",
-                path=job.path,
-                kind="write_failed",
-            )
-            wrapped.__cause__ = err
-            job.future.set_exception(wrapped)
+            job.future.set_exception(_write_failed(job.path, err))
         else:
             job.future.set_result(job.path)
         finally:
@@ -375,6 +433,7 @@ class BackgroundWriter:
                 with self._lock:
                     self._spare = job.copier.buffers()
                 job.copier = None
+        return refused
 
     def submit(
         self,
@@ -386,6 +445,7 @@ class BackgroundWriter:
         defer: DeferSpec | None = None,
         check: Check | None = None,
         on_refused: Callable[[CheckpointError], None] | None = None,
+        write: Callable[[dict[str, Any], Path], Any] | None = None,
     ) -> SaveHandle:
         """Snapshot ``payload`` (sections in ``share`` by reference) and queue it for ``path``.
 
@@ -396,6 +456,19 @@ class BackgroundWriter:
         runs on the writer thread before the write; a :class:`CheckpointError` it raises
         stops the write and is the handle's result, and is also passed to ``on_refused``
         when given (that error is then not reported again by :meth:`wait`/:meth:`failures`).
+        ``write(snapshot, path)``, when given, writes this snapshot instead of the writer's
+        ``write`` function (e.g. one that checks ownership at the rename).
+
+        Example:
+            >>> import tempfile
+            >>> def positive(snap):
+            ...     if snap["w"].min() < 0:
+            ...         raise CheckpointError("negative", kind="refused")
+            >>> writer = BackgroundWriter()
+            >>> handle = writer.submit({"w": torch.ones(2)}, f"{tempfile.mkdtemp()}/w.pth",
+            ...                        check=positive)
+            >>> handle.result().name
+            'w.pth'
         """
         target = Path(path)
         with self._lock:
@@ -406,12 +479,15 @@ class BackgroundWriter:
             if self._stager is None:
                 self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnh-stage")
             staged = self._staging = self._stager.submit(copier.finish, target)
-        options = {"after": after, "check": check, "on_refused": on_refused}
+        options = {"after": after, "check": check, "on_refused": on_refused, "write": write}
         with self._lock:
             older = self._queued.get(target)
             if older is not None and not older.started:  # supersede: write the newer state
-                older.load(data, copier, staged, **options)
-                return older.handle()
+                first = older.fallback is None
+                handle = older.supersede(data, copier, staged, **options)
+                if first:  # the superseded snapshot's outcome is now tracked on its own
+                    self._jobs.append(older.fallback)  # type: ignore[arg-type]
+                return handle
         self._slots.acquire()
         job = _Job(target)
         job.load(data, copier, staged, **options)

@@ -3,13 +3,18 @@
 A recovery file is never replaced by a diverged state. :func:`non_finite_state` checks a
 handler's live state (a blocking save, before a byte is written); :func:`non_finite_snapshot`
 checks the copy a background save writes, on the writer thread, so training does not wait for
-the check. Both look at the same tensors: parameters and buffers, optimizer state, EMA
-weights, and for a mid-epoch checkpoint the running loss of the epoch.
+the check. Both look at the same values: parameters and buffers, optimizer state and the
+optimizer's hyper-parameters (every float of ``param_groups``: ``lr``, ``betas``, ``eps``,
+...), EMA weights, the loss-scaler state, the gradients of an open accumulation window
+(unless a loss scaler is on: it skips such a window's update by design, so a non-finite
+gradient there is part of a correct state), and for a mid-epoch checkpoint the running loss
+of the epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,8 +71,49 @@ def _loss_is_finite(resume: Mapping[str, Any] | None) -> bool:
     return loss is None or bool(torch.isfinite(torch.as_tensor(loss)).all())
 
 
+def _hyper_parameters(groups: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[Named]]:
+    """The non-finite float hyper-parameters of optimizer ``groups`` (by name), and their
+    tensor-valued ones (for :func:`_non_finite`). ``params`` and ``param_names`` are skipped.
+
+    Example:
+        >>> _hyper_parameters([{"params": [0], "lr": float("nan"), "betas": (0.9, float("inf"))}])
+        (['optimizer lr (group 0)', 'optimizer betas (group 0)'], [])
+    """
+    bad: list[str] = []
+    tensors: list[Named] = []
+    for index, group in enumerate(groups):
+        for key, value in group.items():
+            if key in ("params", "param_names"):
+                continue
+            name = f"optimizer {key} (group {index})"
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    tensors.append((name, v))
+                elif isinstance(v, float) and not math.isfinite(v):
+                    bad.append(name)
+                    break
+    return bad, tensors
+
+
+def _tensors(prefix: str, section: Any) -> list[Named]:
+    """The tensors of ``section`` (a dict or a TensorDict; ``None``: none), named."""
+    if section is None:
+        return []
+    return [(f"{prefix} {k}", v) for k, v in section.items() if isinstance(v, torch.Tensor)]
+
+
+def _window_grads(train_state: Mapping[str, Any] | Any, scaler: Any) -> list[Named]:
+    """The open accumulation window's gradients to check: none under a loss scaler (a
+    non-finite gradient there only makes the scaler skip the window's update)."""
+    if scaler is not None or train_state is None:
+        return []
+    return _tensors("accumulated gradient of", train_state)
+
+
 def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -> list[str]:
-    """Names of the state's tensors (and mid-epoch sums) holding NaN or inf; empty when good.
+    """Names of the state's tensors, hyper-parameters (and mid-epoch sums) holding NaN or
+    inf; empty when good.
 
     One device sync for the whole state.
 
@@ -85,8 +131,13 @@ def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -
         ...     _ = h.module.bias.fill_(3e38); _ = h.module.weight.fill_(3e38)
         >>> non_finite_state(h)
         []
+        >>> h.set_optimizer(torch.optim.Adam, lr=0.1)
+        >>> h.optimizer.param_groups[0]["betas"] = (0.9, float("nan"))
+        >>> non_finite_state(h)
+        ['optimizer betas (group 0)']
     """
     named: list[Named] = [(f"model {k}", v) for k, v in handler.module.state_dict().items()]
+    bad_hyper: list[str] = []
     optimizer = handler.optimizer
     if optimizer is not None:
         names = {id(p): n for n, p in handler.module.named_parameters()}
@@ -94,10 +145,14 @@ def non_finite_state(handler: NNHandler, resume: dict[str, Any] | None = None) -
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     named.append((f"optimizer {key} of {names.get(id(param), '?')}", value))
+        bad_hyper, tensors = _hyper_parameters(optimizer.param_groups)
+        named += tensors
     state = handler._state
-    if state is not None and state.ema is not None:
-        named += [(f"EMA {k}", v) for k, v in state.ema.items()]
-    bad = _non_finite(named)
+    if state is not None:
+        named += _tensors("EMA", state.ema)
+        named += _tensors("loss scaler", state.scaler)
+        named += _window_grads(state.grads, state.scaler)
+    bad = bad_hyper + _non_finite(named)
     if not _loss_is_finite(resume):
         bad.append("the epoch's running loss")
     return bad
@@ -146,14 +201,18 @@ def non_finite_snapshot(
         for k, v in (payload.get("model_state_dict") or {}).items()
         if isinstance(v, torch.Tensor)
     ]
-    optimizer = payload.get("optimizer") or {}
-    for index, state in optimizer.get("state_dict", {}).get("state", {}).items():
+    optimizer = (payload.get("optimizer") or {}).get("state_dict") or {}
+    for index, state in (optimizer.get("state") or {}).items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 named.append((_optimizer_name(key, index, param_name), value))
-    ema = (payload.get("train_state") or {}).get("ema") or {}
-    named += [(f"EMA {k}", v) for k, v in ema.items() if isinstance(v, torch.Tensor)]
-    bad = _non_finite(named)
+    bad_hyper, tensors = _hyper_parameters(optimizer.get("param_groups") or [])
+    named += tensors
+    train_state = payload.get("train_state") or {}
+    named += _tensors("EMA", train_state.get("ema"))
+    named += _tensors("loss scaler", train_state.get("scaler"))
+    named += _window_grads(train_state.get("grads"), train_state.get("scaler"))
+    bad = bad_hyper + _non_finite(named)
     if not _loss_is_finite(payload.get("resume")):
         bad.append("the epoch's running loss")
     return bad

@@ -3,12 +3,19 @@
 :func:`write_checkpoint` is what ``NNHandler.save`` and every automatic save run. Before a
 byte is written it checks, on every rank (the answer is the same on all of them):
 
-* the state is finite: parameters, buffers, optimizer state and EMA weights, and for a
-  mid-epoch checkpoint the running loss of the epoch (:mod:`nnh.handler.finite`). A recovery
+* the state is finite: parameters, buffers, optimizer state and hyper-parameters (every
+  float of ``param_groups``), EMA weights, the loss-scaler state, the gradients of an open
+  accumulation window, and for a mid-epoch checkpoint the running loss of the epoch
+  (:mod:`nnh.handler.finite`). A recovery
   file is never replaced by a diverged state; the last good one stays (a background save
   checks its snapshot on the writer thread instead);
 * for automatic saves whose configuration came from a checkpoint file, that the target is
-  free or a checkpoint of this run (:func:`nnh.checkpoint.ownership.may_replace`).
+  free or a checkpoint of this run (:func:`owner_allows`). That check runs when the save is
+  asked for (an early, clear error) and again at the rename, under an exclusive lock on
+  the target that every guarded nnh writer takes (:func:`nnh.checkpoint.atomic_save`'s
+  ``before_replace``): two runs, in one process or two, saving to one name never replace
+  each other's file. The loser's write fails with kind ``"not_owned"`` (for a background
+  save: raised by the next call) and its temporary file is removed.
 
 Then rank 0 writes the file atomically with its checksums and every rank learns whether it
 succeeded.
@@ -20,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnh.checkpoint import CheckpointError, save_checkpoint
+from nnh.checkpoint import CheckpointError, atomic_save, make_header, save_checkpoint, seal
 from nnh.checkpoint.background import SaveHandle, defer_spec
 from nnh.checkpoint.ownership import folder_may_receive, may_replace
 from nnh.handler.finite import (
@@ -39,6 +46,7 @@ __all__ = [
     "NonFiniteStateError",
     "check_resume_batch_size",
     "non_finite_state",
+    "owner_allows",
     "submit_checkpoint",
     "wait_for_saves",
     "write_checkpoint",
@@ -68,9 +76,8 @@ def write_checkpoint(
     if dist.is_main:
         try:
             _check_replace(handler, path, guard_replace)
-            save_checkpoint(
-                handler_payload(handler, include_datasets=include_datasets, resume=resume), path
-            )
+            payload = handler_payload(handler, include_datasets=include_datasets, resume=resume)
+            _writer(handler, path, guard_replace)(payload, Path(path))
             handler._log(f"saved {path}")
         except BaseException as err:  # every rank must learn of it
             error = err
@@ -129,8 +136,9 @@ def submit_checkpoint(
     """Like :func:`write_checkpoint`, but the file is written by the handler's background
     writer: the state is snapshotted now, the call returns a :class:`SaveHandle`.
 
-    The ownership check runs now, on the caller's thread; the finite check runs on the
-    writer thread, over the snapshot (a non-finite state is not written, and the handle
+    The ownership check runs now, on the caller's thread, and again on the writer thread at
+    the rename (under the target's lock); the finite check runs on the writer thread, over
+    the snapshot (a non-finite state is not written, and the handle
     fails with :class:`NonFiniteStateError`). Under DDP only rank 0 snapshots and writes;
     the other ranks get a completed handle at once and never wait for the write.
     ``after(path)`` runs on the writer thread once the file is written.
@@ -166,6 +174,7 @@ def submit_checkpoint(
         defer=_DEFERRED if defer else None,
         check=check,
         on_refused=(lambda err: handler._warn(str(err))) if warn_if_refused else None,
+        write=_writer(handler, path, guard_replace) if guard_replace else None,
     )
     handler._log(f"saving {path} in the background")
     return handle
@@ -192,16 +201,64 @@ def _check_replace(handler: NNHandler, path: str, guard_replace: bool) -> None:
             path=path,
             kind="not_owned",
         )
-    if not may_replace(path, run_id=handler._run_id):
-        raise CheckpointError(
-            f"did not write checkpoint {path!r}: a file of that name exists and was not "
-            "written by this run. The automatic-save settings came from a checkpoint "
-            "file, and nnh never replaces a file on a file's say-so. What to do: call "
-            "handler.auto_save(...) (or set the callback's folder) to confirm where to "
-            "save, or move that file.",
-            path=path,
-            kind="not_owned",
-        )
+    if not owner_allows(path, handler._run_id):
+        raise _not_owned(path)
+
+
+def owner_allows(path: str | Path, run_id: str) -> bool:
+    """Whether run ``run_id`` may write ``path``: it is free, or a checkpoint of this run.
+
+    The one place every save asks (before writing and again at the rename), so that what
+    counts as "this run's" is decided in :func:`nnh.checkpoint.ownership.may_replace` alone.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> owner_allows(d / "new.pth", "r1")
+        True
+        >>> _ = (d / "notes.pth").write_text("not a checkpoint")
+        >>> owner_allows(d / "notes.pth", "r1")
+        False
+    """
+    return may_replace(path, run_id=run_id)
+
+
+def _not_owned(path: str | Path, at_rename: bool = False) -> CheckpointError:
+    when = (
+        " (it was written by another run while this save was under way)" if at_rename else ""
+    )
+    return CheckpointError(
+        f"did not write checkpoint {str(path)!r}: a file of that name exists and was not "
+        f"written by this run{when}. The automatic-save settings came from a checkpoint "
+        "file, and nnh never replaces a file on a file's say-so. What to do: call "
+        "handler.auto_save(...) (or set the callback's folder) to confirm where to "
+        "save, or move that file.",
+        path=path,
+        kind="not_owned",
+    )
+
+
+def _writer(
+    handler: NNHandler, path: str, guard_replace: bool
+) -> Callable[[dict[str, Any], Path], Any]:
+    """The function that writes a checkpoint payload to ``path``: with ``guard_replace``,
+    one that checks ownership again at the rename, under the target's lock."""
+    if not guard_replace:
+        return save_checkpoint
+    run_id = handler._run_id  # the run the payload records
+
+    def refuse_if_not_owned(final: Path) -> None:
+        if not owner_allows(final, run_id):
+            raise _not_owned(path, at_rename=True)
+
+    def write(payload: dict[str, Any], target: Path) -> Path:
+        # what save_checkpoint writes, with the ownership check at the rename
+        return atomic_save(
+            seal({**make_header(), **payload}), target, crc32=False,
+            before_replace=refuse_if_not_owned,
+        )  # fmt: skip
+
+    return write
 
 
 def _refuse_non_finite(handler: NNHandler, path: str, resume: dict[str, Any] | None) -> None:
