@@ -21,7 +21,7 @@ from models import MLP, accuracy, classification_data
 from torch import nn
 
 from nnh import NNHandler
-from nnh.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nnh.checkpoint import CheckpointError, is_own, load_checkpoint, save_checkpoint
 from nnh.checkpoint.ownership import read_run_id
 from nnh.handler.persistence import handler_payload
 
@@ -160,6 +160,10 @@ def test_resuming_your_own_run_still_manages_its_files(tmp_path, monkeypatch):
     again = NNHandler.load("ckpt/e3.pth")
     again.train(1, progress_bar=False)
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["e4.pth"]  # rotated its own
+    # files written by a guarded automatic save are signed too: still the user's own
+    assert is_own(load_checkpoint(tmp_path / "ckpt" / "e4.pth")["integrity"])
+    third = NNHandler.load("ckpt/e4.pth")
+    assert str(again._run_id) in third._run_id.lineage
 
 
 # 8. a damaged header ---------------------------------------------------------------------

@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,7 @@ def save_checkpoint(
     *,
     durable: bool = True,
     sign: bool = True,
+    before_replace: Callable[[Path], None] | None = None,
 ) -> Path:
     """Add the nnh format header to ``payload`` and write it atomically to ``path``.
 
@@ -131,6 +132,8 @@ def save_checkpoint(
     (:mod:`nnh.checkpoint.torch_file`); the file still loads with plain ``torch.load``.
     With ``sign=True`` (the default) the seal carries a MAC under this user's key
     (:mod:`nnh.checkpoint.signing`), so that loading recognises the file as the user's own.
+    ``before_replace`` runs under the target's lock just before the rename (see
+    :func:`atomic_save`): automatic saves check ownership there.
 
     Example:
         >>> import tempfile, torch
@@ -144,4 +147,6 @@ def save_checkpoint(
     sealed = seal({**make_header(), **payload})
     if sign:
         sign_record(sealed[INTEGRITY_KEY])
-    return atomic_save(sealed, path, durable=durable, crc32=False)
+    return atomic_save(
+        sealed, path, durable=durable, crc32=False, before_replace=before_replace
+    )

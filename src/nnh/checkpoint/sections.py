@@ -280,7 +280,8 @@ def _probe_state(cls: type, group: Mapping[str, Any], device: torch.device) -> d
     (the keys and which tensors are per-parameter); raises what that step raises."""
     settings = {k: v for k, v in group.items() if k not in _GROUP_EXTRAS}
     probe = torch.zeros(2, 3, device=device, requires_grad=True)
-    optimizer = cls([probe], **settings)
+    optimizer = cls([probe])  # then the group's settings, as load_state_dict applies them
+    optimizer.param_groups[0].update(settings)
     probe.grad = torch.zeros_like(probe)
     optimizer.step()
     return dict(optimizer.state[probe])

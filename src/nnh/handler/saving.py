@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nnh.checkpoint import CheckpointError, atomic_save, make_header, save_checkpoint, seal
+from nnh.checkpoint import CheckpointError, save_checkpoint
 from nnh.checkpoint.background import SaveHandle, defer_spec
 from nnh.checkpoint.ownership import folder_may_receive, may_replace
 from nnh.handler.finite import (
@@ -252,11 +252,8 @@ def _writer(
             raise _not_owned(path, at_rename=True)
 
     def write(payload: dict[str, Any], target: Path) -> Path:
-        # what save_checkpoint writes, with the ownership check at the rename
-        return atomic_save(
-            seal({**make_header(), **payload}), target, crc32=False,
-            before_replace=refuse_if_not_owned,
-        )  # fmt: skip
+        # what save_checkpoint writes (signed), with the ownership check at the rename
+        return save_checkpoint(payload, target, before_replace=refuse_if_not_owned)
 
     return write
 
