@@ -160,39 +160,28 @@ def test_kill_9_during_background_writes_never_leaves_a_partial_file(tmp_path):
         assert all(p in (target, script) or p in list_temp_files(tmp_path) for p in tmp_path.iterdir())
 
 
-def test_a_background_save_costs_the_caller_a_fraction_of_a_blocking_one(tmp_path):
-    """What training pays per checkpoint: the call. benchmarks/bench_async_save.py measures
-    the whole epoch (there the overhead ratio is ~0.3 on this 2-core machine)."""
-    h = make_handler(hidden=1400)  # ~2 M parameters + Adam state
+def test_a_background_save_returns_before_its_file_is_written(tmp_path):
+    """What training pays per checkpoint is the call, not the write (no timing asserted:
+    CI shares its machine; benchmarks/bench_async_save.py measures the epoch overhead)."""
+    import threading
+
+    from nnh.checkpoint import save_checkpoint
+    from nnh.checkpoint.background import BackgroundWriter
+
+    gate = threading.Event()
+
+    def held_write(payload, path):
+        assert gate.wait(timeout=60)
+        save_checkpoint(payload, path)
+
+    h = make_handler(hidden=64)
     h.train(1, progress_bar=False)
-    blocking, background = [], []
-    for i in range(5):
-        start = time.perf_counter()
-        h.save(str(tmp_path / f"b{i}.pth"))
-        blocking.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        handle = h.save(str(tmp_path / f"a{i}.pth"), blocking=False)
-        background.append(time.perf_counter() - start)
-        handle.result(timeout=60)
-    ratio = sorted(background)[2] / sorted(blocking)[2]
-    assert ratio <= 0.5, (background, blocking)
-
-
-def test_background_step_checkpoints_cost_training_a_fraction_of_blocking_ones(tmp_path):
-    """The issue's measure, shortened: benchmarks/bench_async_save.py (one epoch of a
-    4.7M-parameter MLP + Adam, a checkpoint every 4 steps; none / blocking / background in
-    interleaved rounds) with 24 steps and 3 rounds. The full benchmark (48 steps, 16 rounds)
-    gives ~0.3 against the goal of 0.35; with half the steps the final wait for the last
-    write weighs more (0.32-0.42 here), and the bound is generous because this machine is
-    noisy."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_async_save.py"
-    run = subprocess.run(
-        [PY, "-W", "ignore", str(script), "--rounds", "3", "--steps", "24", "--quiet", "--dir", str(tmp_path)],
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
-    ratio = float(run.stdout.split("async/sync overhead ratio")[-1])
-    assert ratio <= 0.7, run.stdout
+    h._saves = BackgroundWriter(write=held_write)
+    handle = h.save(str(tmp_path / "a.pth"), blocking=False)  # returns with the write held
+    assert not handle.done() and not (tmp_path / "a.pth").exists()
+    gate.set()
+    assert handle.result(timeout=60).name == "a.pth"
+    assert (tmp_path / "a.pth").exists()
 
 
 def test_under_ddp_rank_0_writes_and_the_other_ranks_never_wait(tmp_path):
