@@ -124,7 +124,7 @@ def test_a_python_rng_state_of_an_unknown_version_is_refused(tmp_path):
     """6. An RNG state that ``random.setstate`` would reject at the first resume."""
 
     def edit(p):
-        version, internal, gauss = p["rng"]["python"]
+        _version, internal, gauss = p["rng"]["python"]
         p["rng"]["python"] = (99, internal, gauss)
 
     with pytest.raises(CheckpointError) as info:

@@ -207,7 +207,7 @@ def test_the_ensemble_size_comes_from_the_weights(tmp_path, size):
     else:
         payload["ensemble"]["size"] = size
     path = save_checkpoint(payload, tmp_path / "e.pth", sign=False)
-    with pytest.raises(CheckpointError, match="ensemble.size") as info:
+    with pytest.raises(CheckpointError, match=r"ensemble\.size") as info:
         NNHandler.load(str(path))
     assert info.value.kind == "damaged"
 

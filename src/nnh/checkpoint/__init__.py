@@ -147,6 +147,4 @@ def save_checkpoint(
     sealed = seal({**make_header(), **payload})
     if sign:
         sign_record(sealed[INTEGRITY_KEY])
-    return atomic_save(
-        sealed, path, durable=durable, crc32=False, before_replace=before_replace
-    )
+    return atomic_save(sealed, path, durable=durable, crc32=False, before_replace=before_replace)

@@ -330,9 +330,7 @@ def _atomic_write(
         if written is None:  # the rename failed: the file is complete
             with contextlib.suppress(OSError):
                 written = tmp.stat().st_size
-        explained = (
-            _write_failure(final, written or 0, err) if isinstance(err, Exception) else None
-        )
+        explained = _write_failure(final, written or 0, err) if isinstance(err, Exception) else None
         with contextlib.suppress(OSError):
             tmp.unlink()
         if retired is not None:  # the rename failed: the old file keeps its only name

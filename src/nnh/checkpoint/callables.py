@@ -289,7 +289,9 @@ def restore_callable(
                     path=path,
                     kind="damaged",
                 )
-            keywords = check_arguments(fn, keywords, record=f"{record}.keywords", source=path, skip=2)
+            keywords = check_arguments(
+                fn, keywords, record=f"{record}.keywords", source=path, skip=2
+            )
         elif not (is_plain(args) and is_plain(keywords)):
             raise CheckpointError(
                 f"{_where(path)}: record {record!r} is damaged: partial arguments must be plain data",

@@ -224,9 +224,7 @@ def owner_allows(path: str | Path, run_id: str) -> bool:
 
 
 def _not_owned(path: str | Path, at_rename: bool = False) -> CheckpointError:
-    when = (
-        " (it was written by another run while this save was under way)" if at_rename else ""
-    )
+    when = " (it was written by another run while this save was under way)" if at_rename else ""
     return CheckpointError(
         f"did not write checkpoint {str(path)!r}: a file of that name exists and was not "
         f"written by this run{when}. The automatic-save settings came from a checkpoint "
