@@ -466,3 +466,15 @@ def test_optimizer_groups_missing_a_setting_are_refused(tmp_path):
     with pytest.raises(CheckpointError) as info:
         NNHandler.load(str(path))
     assert info.value.kind == "damaged" and "eps" in str(info.value)
+
+
+def test_a_scheduler_record_without_its_class_is_dropped_with_a_warning(tmp_path):
+    """Found by the 20,000-example fuzz run (a bare KeyError before)."""
+    h = trained()
+    h.set_scheduler(torch.optim.lr_scheduler.StepLR, step_size=2)
+    payload = handler_payload(h)
+    payload["scheduler"].pop("class")
+    path = save_checkpoint(payload, tmp_path / "s.pth", sign=False)
+    with pytest.warns(UserWarning, match="scheduler"):
+        again = NNHandler.load(str(path))
+    assert again._scheduler is None

@@ -207,7 +207,7 @@ def resolve_payload(
         r.scheduler = _optional_class(
             r,
             policy,
-            payload["scheduler"]["class"],
+            payload["scheduler"].get("class"),
             "scheduler",
             "scheduler.class",
             "the scheduler",
