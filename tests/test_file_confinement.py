@@ -464,3 +464,14 @@ def test_name_patterns():
     assert name_pattern_problem("m_{epoch:02d}_{val_accuracy:.3f}") is None
     for bad in ("", "a/b", "~x", "{0}", "{a[0]}", "{", 5, "x" * 256):
         assert name_pattern_problem(bad) is not None, bad
+
+
+def test_a_filled_in_save_name_that_is_a_path_raises():
+    from nnh.handler.autosaver import AutoSaver
+
+    cb = ModelCheckpoint("ckpt", filename="m_{tag}", monitor=None, save_last=True)
+    with pytest.raises(ValueError, match="not a file name"):
+        cb._path({"tag": "../../x", "epoch": 1})
+    with pytest.raises(ValueError, match="not a file name"):
+        AutoSaver(save_path="ckpt", name="m_{tag}").path_for({"tag": "/x"})
+    assert cb._path({"tag": "a", "epoch": 1}).as_posix() == "ckpt/m_a.pth"
