@@ -1,5 +1,8 @@
 import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,3 +26,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_disk():
+    """A real 1 MiB file system (tmpfs; CI runs as root). Mounted outside pytest's tmp
+    folders, which concurrent pytest runs may rename while they clean up."""
+    mount = Path(tempfile.mkdtemp(prefix="nnh-tiny-disk-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+        mount.rmdir()

@@ -15,7 +15,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import textwrap
 import warnings
 import zipfile
@@ -487,19 +486,6 @@ def test_damaged_sections_are_named(tmp_path, edit, section):
     with pytest.raises(CheckpointError, match=rf"(section|record) '{re.escape(section)}") as info:
         NNHandler.load(str(path))
     assert info.value.kind == "damaged" and str(path) in str(info.value)
-
-
-@pytest.fixture
-def tiny_disk():
-    """A real 1 MiB file system (tmpfs; CI runs as root). Mounted outside pytest's tmp
-    folders, which concurrent pytest runs may rename while they clean up."""
-    mount = Path(tempfile.mkdtemp(prefix="nnh-tiny-disk-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-        mount.rmdir()
 
 
 def test_full_disk_is_named_and_keeps_the_previous_file(tiny_disk):

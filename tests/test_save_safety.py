@@ -9,7 +9,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import warnings
@@ -51,19 +50,6 @@ def open_deleted_files(folder: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------- 1. a failed write's space
-
-
-@pytest.fixture
-def tiny_disk():
-    """A real 1 MiB file system (tmpfs; CI runs as root). Mounted outside pytest's tmp
-    folders, which concurrent pytest runs may rename while they clean up."""
-    mount = Path(tempfile.mkdtemp(prefix="nnh-tiny-disk-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-        mount.rmdir()
 
 
 def test_a_full_disk_error_gives_the_space_back_at_once(tiny_disk):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import types
 from collections.abc import Iterable
 from typing import Any
@@ -308,8 +307,3 @@ class TrustPolicy:
             "with NNHandler.load(path, trusted=[TheClass, the_function]) or "
             f"trust_modules={tuple(roots)!r}, or set them again after loading."
         )
-
-
-def running_script_name() -> str | None:
-    """The file of the script run as ``__main__`` (for messages), or ``None``."""
-    return getattr(sys.modules.get(MAIN), "__file__", None)

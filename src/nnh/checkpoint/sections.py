@@ -266,8 +266,8 @@ _GROUP_EXTRAS = {"params", "param_names", "initial_lr"}
 
 _PER_PARAMETER = frozenset(
     {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "acc_delta",
-     "sum", "exp_inf", "ax", "prev", "step_size", "grad_avg", "mu_product"}
-) - {"mu_product"}  # fmt: skip
+     "sum", "exp_inf", "ax", "prev", "step_size", "grad_avg"}
+)  # fmt: skip
 
 
 #: Largest magnitude an optimizer state value may have (a genuine one stays far below).

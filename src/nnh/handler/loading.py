@@ -52,7 +52,7 @@ from nnh.checkpoint.integrity import INTEGRITY_KEY
 from nnh.checkpoint.options import compile_options, loader_options
 from nnh.checkpoint.ownership import RunId, new_run_id
 from nnh.checkpoint.policy import TrustPolicy
-from nnh.checkpoint.registry import check_arguments, check_name_pattern
+from nnh.checkpoint.registry import check_arguments, check_name_pattern, registry_path
 from nnh.checkpoint.schema import check_handler_payload
 from nnh.checkpoint.sections import (
     check_counters,
@@ -434,7 +434,7 @@ def _restore_objective(
         base = getattr(fn, "func", fn)  # a partial's function
         if kwargs and base in _registry_functions():
             kwargs = check_arguments(base, kwargs, record="loss.kwargs", source=path, skip=2)
-        elif kwargs and lookup_path(type(fn), "loss") is not None:
+        elif kwargs and registry_path(type(fn), "loss") is not None:
             raise CheckpointError(
                 f"checkpoint {path!r}: record 'loss.kwargs' gives call arguments to the loss "
                 f"module {type(fn).__name__}, which takes none; nnh used none of it.",
@@ -456,7 +456,7 @@ def _registry_functions() -> set[Any]:
 
 def _optimizer_kwargs(cls: type, kwargs: dict[str, Any], path: str) -> dict[str, Any]:
     """Schema-check a registry optimizer's options, including named parameter groups."""
-    if lookup_path(cls, "optimizer") is None:
+    if registry_path(cls, "optimizer") is None:
         return kwargs
     kwargs = dict(kwargs)
     groups = kwargs.pop("params", None)
@@ -487,12 +487,6 @@ def _optimizer_kwargs(cls: type, kwargs: dict[str, Any], path: str) -> dict[str,
     return out
 
 
-def lookup_path(cls: Any, slot: str) -> str | None:
-    from nnh.checkpoint.registry import registry_path
-
-    return registry_path(cls, slot)
-
-
 def _restore_optimization(
     h: NNHandler, payload: dict[str, Any], path: str, resolved: _Resolved, skip_optimizer: bool
 ) -> None:
@@ -504,7 +498,7 @@ def _restore_optimization(
         if not skip_optimizer:
             optimizer = h._adapter.optimizer
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            registered = lookup_path(type(optimizer), "optimizer") is not None
+            registered = registry_path(type(optimizer), "optimizer") is not None
             check_optimizer_state(
                 rec["state_dict"],
                 optimizer.state_dict(),
@@ -524,7 +518,7 @@ def _restore_optimization(
     if resolved.scheduler is not None and h._adapter is not None:
         rec = payload["scheduler"]
         kwargs = rec["kwargs"]
-        if lookup_path(resolved.scheduler, "scheduler") is not None:
+        if registry_path(resolved.scheduler, "scheduler") is not None:
             kwargs = check_arguments(
                 resolved.scheduler, kwargs, record="scheduler.kwargs", source=path, skip=1
             )
@@ -538,7 +532,7 @@ def _restore_optimization(
 def _restore_components(h: NNHandler, path: str, resolved: _Resolved) -> None:
     for i, (cls, rec) in enumerate(resolved.callbacks):
         config = rec["config"]
-        if lookup_path(cls, "callback") is not None:
+        if registry_path(cls, "callback") is not None:
             if not resolved.own:
                 config, notes = confine_callback_config(
                     cls, config, record=f"callbacks[{i}].config", source=path
@@ -562,7 +556,7 @@ def _restore_components(h: NNHandler, path: str, resolved: _Resolved) -> None:
         if found is not None:
             cls, rec = found
             kwargs = _component_kwargs(rec)
-            if lookup_path(cls, key) is not None:
+            if registry_path(cls, key) is not None:
                 kwargs = check_arguments(cls, kwargs, record=f"{key}.config", source=path)
             with _section(path, key):
                 obj = cls(**kwargs)
