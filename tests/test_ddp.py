@@ -77,7 +77,13 @@ def check_against_reference(result: dict, ref: dict) -> None:
 def test_torchrun_two_processes_equal_one_process(tmp_path, reference):
     proc = torchrun("none", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check_against_reference(torch.load(tmp_path / "result.pt", weights_only=True), reference)
+    result = torch.load(tmp_path / "result.pt", weights_only=True)
+    check_against_reference(result, reference)
+    # evaluate(): the same exact numbers on every rank, equal to what train() logged
+    ev = [torch.load(tmp_path / f"evaluate_{r}.pt", weights_only=True) for r in range(2)]
+    assert ev[0] == ev[1]
+    assert ev[0]["val_loader"] == {"loss": result["val_losses"][-1], "acc": result["val_acc"][-1]}
+    assert ev[0]["dataset"]["loss"] == pytest.approx(reference["val_losses"][-1], rel=1e-6)
     # a checkpoint saved in DDP loads in one process
     h = NNHandler.load(str(tmp_path / "ddp.pth"))
     assert not h.is_distributed and h.train_losses == pytest.approx(reference["train_losses"], rel=1e-5)

@@ -67,9 +67,8 @@ class ModelCheckpoint(Callback):
         self._from_checkpoint = False
 
     def _save(self, path: Path) -> None:
-        from nnh.handler.saving import write_checkpoint
-
-        write_checkpoint(self.handler, str(path), guard_replace=self._from_checkpoint)
+        # through the handler: callbacks never import the shell at run time
+        self.handler._write_checkpoint(str(path), guard_replace=self._from_checkpoint)
 
     def _path(self, logs: dict[str, Any]) -> Path:
         try:

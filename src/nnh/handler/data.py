@@ -9,11 +9,15 @@ so it yields exactly the same batches in the same order and draws the same rando
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.dataloader import default_collate
+from torch.utils.data.distributed import DistributedSampler
+
+if TYPE_CHECKING:
+    from nnh.handler.nnhandler import NNHandler
 
 __all__ = ["BatchIndexedDataset", "build_loader", "fast_loader", "move_to_device"]
 
@@ -162,3 +166,38 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: move_to_device(v, device) for k, v in batch.items()}
     return batch
+
+
+def make_loader(
+    h: NNHandler, which: str, dataset: Dataset | DataLoader, loader_kwargs: dict[str, Any]
+) -> DataLoader:
+    """The handler's loader for ``which`` ("train"/"val"): a Dataset gets ``loader_kwargs``
+    (sharded by a DistributedSampler under DDP, ``shuffle``/``drop_last`` honoured); the
+    options are remembered for checkpoints.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> from nnh import NNHandler
+        >>> h = NNHandler(torch.nn.Linear, in_features=2, out_features=1)
+        >>> len(make_loader(h, "val", TensorDataset(torch.zeros(5, 2)), {"batch_size": 2}))
+        3
+    """
+    kwargs = dict(loader_kwargs)
+    sampler = kwargs.pop("sampler", None)
+    if (
+        sampler is None
+        and h._dist.enabled
+        and not isinstance(dataset, DataLoader)
+        and "batch_sampler" not in kwargs
+    ):
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=h._dist.world_size,
+            rank=h._dist.rank,
+            shuffle=bool(kwargs.get("shuffle", False)),
+            seed=h._seed if h._seed is not None else 0,
+            drop_last=bool(kwargs.get("drop_last", False)),
+        )
+    loader = build_loader(dataset, sampler=sampler, **kwargs)
+    h._loader_kwargs[which] = dict(loader_kwargs)
+    return loader

@@ -41,6 +41,8 @@ from nnh.generative.likelihood import log_likelihood_ode
 from nnh.generative.samplers import check_sampler_options, sample_sde
 from nnh.generative.sampling import check_steps
 from nnh.handler.data import fast_loader, move_to_device
+from nnh.handler.inference import ema_weights
+from nnh.handler.train_setup import train_mode
 
 __all__ = [
     "handler_log_likelihood",
@@ -120,7 +122,7 @@ class _EvalSession:
     def __enter__(self) -> None:
         self.was_training = self.handler.module.training
         self.handler.module.eval()
-        self.ema = self.handler._ema_weights(self.apply_ema)
+        self.ema = ema_weights(self.handler, self.apply_ema)
         self.ema.__enter__()
 
     def __exit__(self, *exc: object) -> None:
@@ -128,7 +130,7 @@ class _EvalSession:
             self.ema.__exit__(*exc)
         finally:
             if self.was_training:
-                self.handler._train_mode()
+                train_mode(self.handler)
 
 
 # ---------------------------------------------------------------- sampling

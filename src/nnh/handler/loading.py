@@ -67,6 +67,7 @@ from nnh.checkpoint.sections import (
 )
 from nnh.checkpoint.signing import is_own
 from nnh.core.tree import flat_td
+from nnh.handler.building import wrap_module
 from nnh.handler.logs import logging_options
 from nnh.handler.persistence import restore_rng
 
@@ -323,7 +324,7 @@ def load_handler(
     trust_modules: Any = None,
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
-    from nnh.handler.nnhandler import _CHECKPOINT_TENSORS
+    from nnh.handler.building import CHECKPOINT_TENSORS
 
     payload = load_checkpoint(path, map_location="cpu")
     check_handler_payload(payload, path)
@@ -347,7 +348,7 @@ def load_handler(
     ensemble_size = ensemble_size_from_weights(weights, payload.get("ensemble"), str(path))
     with _section(str(path), "logging"):
         log_options = logging_options(payload.get("logging"), str(path), confine=not own)
-    token = _CHECKPOINT_TENSORS.set((weights, str(path)))
+    token = CHECKPOINT_TENSORS.set((weights, str(path)))
     try:
         with _section(str(path), "model"):
             handler = handler_class(
@@ -360,7 +361,7 @@ def load_handler(
                 **model["kwargs"],
             )
     finally:
-        _CHECKPOINT_TENSORS.reset(token)
+        CHECKPOINT_TENSORS.reset(token)
     apply_payload(
         handler,
         payload,
@@ -406,7 +407,7 @@ def _load_weights(h: NNHandler, weights: dict[str, Any], path: str, strict_load:
         load_model_state(module, weights, strict=strict_load, source=path, assign=True)
         del module._nnh_meta_init
         module.to(h.device)
-        h._model = h._wrap(module)
+        h._model = wrap_module(h, module)
     else:
         load_model_state(module, weights, strict=strict_load, source=path)
 
@@ -779,3 +780,45 @@ def _restore_train_state(
         **counters,
     )
     h._state = state  # the first step binds it, installing an open window's gradients
+
+
+def initialize_handler(
+    cls: type[NNHandler],
+    checkpoint_path: str,
+    model_class: type[nn.Module],
+    model_type: Any,
+    device: torch.device | str | None,
+    strict_load: bool,
+    model_kwargs: dict[str, Any],
+) -> NNHandler:
+    """The body of :meth:`NNHandler.initialize_from_checkpoint`: a fresh handler holding only
+    the weights of ``checkpoint_path`` (a bare ``state_dict`` or a full nnh checkpoint).
+
+    Example:
+        >>> import os, tempfile
+        >>> from nnh import NNHandler
+        >>> path = os.path.join(tempfile.mkdtemp(), "w.pth")
+        >>> torch.save(torch.nn.Linear(2, 1).state_dict(), path)
+        >>> h = initialize_handler(NNHandler, path, torch.nn.Linear, None, None, True,
+        ...                        {"in_features": 2, "out_features": 1})
+        >>> h.module.out_features
+        1
+    """
+    from nnh.checkpoint import load_model_state, load_weights_file, strip_wrapper_prefixes
+    from nnh.handler.enums import ModelType
+
+    weights = load_weights_file(checkpoint_path, map_location="cpu")
+    handler = cls(
+        model_class,
+        device=device if device is not None else "cpu",
+        model_type=model_type if model_type is not None else ModelType.CLASSIFICATION,
+        **model_kwargs,
+    )
+    load_model_state(
+        handler.module,
+        strip_wrapper_prefixes(weights),
+        strict=strict_load,
+        source=str(checkpoint_path),
+    )
+    handler._dist.barrier()
+    return handler

@@ -8,86 +8,49 @@ training arithmetic of its own.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import inspect
 import logging
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
 
-from nnh.callbacks.base import Callback, CallbackList
+from nnh.callbacks.base import Callback
 from nnh.checkpoint.background import BackgroundWriter, SaveHandle
 from nnh.checkpoint.ownership import new_run_id
-from nnh.checkpoint.shapes import check_meta_model
 from nnh.core import (
     LossScaler,
     OptimizerAdapter,
-    Supervised,
-    TrainConfig,
     TrainState,
-    init_train_state,
 )
-from nnh.core.accumulate import pack_sums
-from nnh.core.ensemble import EnsembleConfig, check_vectorisable
-from nnh.core.objectives import batch_size
-from nnh.core.tree import flat_td
+from nnh.core.ensemble import check_vectorisable
 from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
-from nnh.distributed.ddp import ShardCounter, real_samples, trim_batch
+from nnh.handler import inference
 from nnh.handler import validation as check
 from nnh.handler.autosaver import AutoSaver
-from nnh.handler.data import build_loader, fast_loader, move_to_device
+from nnh.handler.building import build_module, check_model_kwargs, wrap_module
+from nnh.handler.data import make_loader
 from nnh.handler.devices import check_device
-from nnh.handler.ensemble import Ensemble, check_ensemble_size, gather_member_predictions
+from nnh.handler.ensemble import Ensemble, check_ensemble_size
 from nnh.handler.enums import LoggingMode, ModelType
 from nnh.handler.foreign_data import guard_restored_data
 from nnh.handler.history import History
 from nnh.handler.logs import make_logger
+from nnh.handler.loop import train as run_training
 from nnh.handler.metric_objects import as_handler_metric
-from nnh.handler.persistence import capture_rng, restore_rng
 from nnh.handler.saving import (
-    check_resume_batch_size,
     raise_save_failures,
     submit_checkpoint,
     wait_for_saves,
     write_checkpoint,
-    write_step_checkpoint,
 )
 from nnh.handler.seeding import check_seed, model_kwargs_with_seed, seed_everything
 from nnh.handler.train_options import remembers_train_options
-from nnh.handler.training import epoch_means, run_train_epoch, run_val_epoch
+from nnh.handler.train_setup import train_mode
 
 __all__ = ["NNHandler"]
-
-# While NNHandler.load builds a handler, (the checkpoint's weights, its path): the model is
-# built on the meta device and checked against them before any allocation; one whose
-# parameters and buffers all come from the file receives them directly (no init, no copy).
-_CHECKPOINT_TENSORS: contextvars.ContextVar[tuple[Any, str] | None] = contextvars.ContextVar(
-    "nnh_checkpoint_tensors", default=None
-)
-
-
-def _check_model_kwargs(model_class: type, model_kwargs: dict[str, Any]) -> None:
-    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
-        raise TypeError(f"model_class must be an nn.Module subclass, got {model_class!r}")
-    try:
-        inspect.signature(model_class).bind(**model_kwargs)
-    except TypeError as err:
-        try:
-            accepted = str(inspect.signature(model_class))
-        except (TypeError, ValueError):
-            accepted = "(unknown)"
-        raise TypeError(
-            f"{model_class.__name__} cannot be built with keyword arguments {sorted(model_kwargs)}: "
-            f"{err}. Its constructor takes {accepted}"
-        ) from None
 
 
 class NNHandler:
@@ -125,7 +88,7 @@ class NNHandler:
         seed: int | None = None,
         **model_kwargs: Any,
     ):
-        _check_model_kwargs(model_class, model_kwargs)
+        check_model_kwargs(model_class, model_kwargs)
         size = check_ensemble_size(ensemble_size)
         self._ensemble = None if size is None else Ensemble(size)
         self._dist, self._device = setup_distributed(
@@ -386,25 +349,7 @@ class NNHandler:
 
     @sde.setter
     def sde(self, value: Any) -> None:
-        if value is not None:
-            missing = [
-                m
-                for m in (
-                    "sigma",
-                    "mu",
-                    "drift",
-                    "diffusion",
-                    "prior",
-                    "prior_log_prob",
-                    "marginal_prob",
-                )
-                if not callable(getattr(value, m, None))
-            ]
-            if missing or not hasattr(value, "T") or not hasattr(value, "epsilon"):
-                raise TypeError(
-                    f"{type(value).__name__} is not an SDE: it lacks {missing or ['T', 'epsilon']}; "
-                    "use nnh.generative.VESDE/VPSDE/SubVPSDE or a subclass of nnh.generative.SDE"
-                )
+        check.check_sde(value)
         self._sde = value
 
     @property
@@ -460,38 +405,20 @@ class NNHandler:
             >>> h.module.out_features
             3
         """
-        _check_model_kwargs(model_class, model_kwargs)
+        check_model_kwargs(model_class, model_kwargs)
         if model_type is not None:
             self._model_type = ModelType.from_string(model_type)
-        module = self._build_module(model_class, model_kwargs)
+        module = build_module(self, model_class, model_kwargs)
         self._model_class, self._model_kwargs = model_class, dict(model_kwargs)
         self._save_model_code = bool(save_model_code)
         self._install_module(module)
 
-    def _build_module(
-        self, model_class: type[nn.Module], model_kwargs: dict[str, Any]
-    ) -> nn.Module:
-        supplied = _CHECKPOINT_TENSORS.get()
-        if supplied is not None:  # loading: shapes are checked before any allocation
-            try:
-                with torch.device("meta"):
-                    module = self._construct(model_class, model_kwargs)
-            except Exception:  # a constructor that needs real tensors: built for real below
-                module = None
-            if module is not None and check_meta_model(module, *supplied):
-                module._nnh_meta_init = True  # type: ignore[attr-defined]
-                return module  # every tensor comes from the checkpoint: no init needed
-        return self._construct(model_class, model_kwargs).to(self._device)
-
-    def _construct(self, model_class: type[nn.Module], model_kwargs: dict[str, Any]) -> nn.Module:
-        if self._ensemble is None:
-            return model_class(**model_kwargs)
-        return self._ensemble.build(model_class, model_kwargs)
-
     def _install_module(self, module: nn.Module) -> None:
         self._module = module
         # a meta-built module is wrapped once NNHandler.load has assigned its weights
-        self._model = module if getattr(module, "_nnh_meta_init", False) else self._wrap(module)
+        self._model = (
+            module if getattr(module, "_nnh_meta_init", False) else wrap_module(self, module)
+        )
         self._compile_kwargs = None
         self._state = None
         self._keep_eval = []
@@ -501,14 +428,6 @@ class NNHandler:
         if self._scheduler_spec is not None:
             cls, kwargs = self._scheduler_spec
             self.set_scheduler(cls, **kwargs)
-
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        if not self._dist.enabled:
-            return module
-        if not any(p.requires_grad for p in module.parameters()):
-            return module
-        device_ids = [self._device.index] if self._device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
     def set_optimizer(
         self, optimizer_class: type[torch.optim.Optimizer], **optimizer_kwargs: Any
@@ -578,29 +497,6 @@ class NNHandler:
         self._pass_epoch_to_loss = bool(pass_epoch_to_loss)
         self._loss_fn_kwargs = dict(kwargs)
 
-    def _make_loader(
-        self, which: str, dataset: Dataset | DataLoader, loader_kwargs: dict[str, Any]
-    ) -> DataLoader:
-        kwargs = dict(loader_kwargs)
-        sampler = kwargs.pop("sampler", None)
-        if (
-            sampler is None
-            and self._dist.enabled
-            and not isinstance(dataset, DataLoader)
-            and "batch_sampler" not in kwargs
-        ):
-            sampler = DistributedSampler(
-                dataset,
-                num_replicas=self._dist.world_size,
-                rank=self._dist.rank,
-                shuffle=bool(kwargs.get("shuffle", False)),
-                seed=self._seed if self._seed is not None else 0,
-                drop_last=bool(kwargs.get("drop_last", False)),
-            )
-        loader = build_loader(dataset, sampler=sampler, **kwargs)
-        self._loader_kwargs[which] = dict(loader_kwargs)
-        return loader
-
     def set_train_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
         """Training data: a Dataset plus DataLoader options, or a ready DataLoader.
 
@@ -613,7 +509,7 @@ class NNHandler:
             >>> len(h.train_loader)
             3
         """
-        loader = self._make_loader("train", check.check_dataset("dataset", dataset), loader_kwargs)
+        loader = make_loader(self, "train", check.check_dataset("dataset", dataset), loader_kwargs)
         self._train_loader = check.check_has_batches("training", loader)
 
     def set_val_loader(self, dataset: Dataset | DataLoader, **loader_kwargs: Any) -> None:
@@ -626,7 +522,7 @@ class NNHandler:
             >>> len(h.val_loader)
             1
         """
-        loader = self._make_loader("val", check.check_dataset("dataset", dataset), loader_kwargs)
+        loader = make_loader(self, "val", check.check_dataset("dataset", dataset), loader_kwargs)
         self._val_loader = check.check_has_batches("validation", loader)
 
     def add_metric(self, name: str, metric_fn: Callable[[Any, Any], Any]) -> None:
@@ -712,136 +608,6 @@ class NNHandler:
             keys |= {"val_loss", *(f"val_{name}" for name in self._metrics)}
         return keys
 
-    # ------------------------------------------------------------------ training
-    def _objective(self) -> Callable[..., Any]:
-        if self._model_type is ModelType.SCORE_BASED:
-            from nnh.generative.objective import ScoreMatching, UserScoreLoss
-
-            if self._loss_fn is not None:
-                return UserScoreLoss(
-                    self._loss_fn, self._sde, self._loss_fn_kwargs, self._pass_epoch_to_loss
-                )
-            if self._sde is None:
-                raise RuntimeError(
-                    "a SCORE_BASED model trains against an SDE: call set_sde(VPSDE, ...) "
-                    "before train(), or set_loss_fn(your_loss)"
-                )
-            return ScoreMatching(self._sde)
-        if self._loss_fn is None:
-            raise RuntimeError("no loss function: call set_loss_fn(loss_fn) before train()")
-        return Supervised(
-            self._loss_fn,
-            loss_kwargs=self._loss_fn_kwargs,
-            pass_epoch=self._pass_epoch_to_loss,
-            inputs_are_targets=self._model_type.inputs_are_targets,
-        )
-
-    def _amp_dtype(self, use_amp: bool | str | torch.dtype) -> torch.dtype | None:
-        if use_amp is False or use_amp is None:
-            return None
-        if isinstance(use_amp, torch.dtype):
-            return use_amp
-        if isinstance(use_amp, str):
-            table = {
-                "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16,
-                "fp16": torch.float16,
-                "float16": torch.float16,
-            }
-            if use_amp.lower() not in table:
-                raise ValueError(f"use_amp={use_amp!r}: use True, False, 'bf16' or 'fp16'")
-            return table[use_amp.lower()]
-        return torch.float16 if self._device.type == "cuda" else torch.bfloat16
-
-    def _ensure_state(self, ema: bool, scaler: bool) -> TrainState:
-        if self._adapter is None:
-            raise RuntimeError(
-                "no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()"
-            )
-        state = self._state
-        if state is not None:
-            live = [id(p) for p in self.module.parameters()]
-            if live != [id(p) for p in state.params.values()]:
-                self._warn(
-                    "the model's parameters were replaced since the last training; "
-                    "rebuilding the optimizer and training state"
-                )
-                cls, kwargs = self._optimizer_spec  # type: ignore[misc]
-                self._adapter = OptimizerAdapter.create(cls, self.module, **kwargs)
-                state = None
-        if state is None:
-            state = init_train_state(
-                self.module,
-                self._adapter,
-                ema=ema,
-                loss_scaler=self._loss_scaler_config if scaler else None,
-            )
-        if ema and state.ema is None:
-            state = attrs.evolve(
-                state, ema=flat_td({k: v.detach().clone() for k, v in state.params.items()})
-            )
-        elif not ema and state.ema is not None:
-            self._warn(
-                "train(ema_decay=0) discards the EMA weights this handler holds; pass "
-                "ema_decay=<the previous decay> (or leave it out) to keep them"
-            )
-            state = attrs.evolve(state, ema=None)
-        if scaler and state.scaler is None:
-            from nnh.core import init_scaler_state
-
-            state = attrs.evolve(
-                state, scaler=init_scaler_state(self._loss_scaler_config, self._device)
-            )
-        elif not scaler and state.scaler is not None:
-            state = attrs.evolve(state, scaler=None)
-        self._state = state
-        return state
-
-    def _train_config(self, **settings: Any) -> TrainConfig:
-        """The core's static configuration; reused while nothing it depends on changed, so
-        repeated ``train()`` calls do not rebuild the module binding."""
-        objective = self._objective()
-        key = (
-            id(self._model),
-            id(self.module),
-            id(self._adapter),
-            type(objective),
-            id(getattr(objective, "loss_fn", None)),
-            id(self._loss_fn_kwargs),
-            self._pass_epoch_to_loss,
-            id(self._sde),
-            self._model_type,
-            tuple(sorted(settings.items(), key=lambda kv: kv[0])),
-        )
-        cached = getattr(self, "_config_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        config = (TrainConfig if self._ensemble is None else EnsembleConfig)(
-            model=self._model,
-            module=self.module,
-            optimizer=self._adapter,
-            objective=objective,
-            **settings,
-        )
-        self._config_cache = (key, config)
-        return config
-
-    def _check_ready(self) -> None:
-        if self._train_loader is None:
-            raise RuntimeError(
-                "no training data: call set_train_loader(dataset, batch_size=...) before train()"
-            )
-        if self._adapter is None:
-            raise RuntimeError(
-                "no optimizer: call set_optimizer(optimizer_class, **kwargs) before train()"
-            )
-        self._objective()
-
-    def _train_mode(self) -> None:
-        self.module.train()
-        for m in self._keep_eval:
-            m.eval()
-
     @guard_restored_data
     @remembers_train_options
     def train(
@@ -886,304 +652,7 @@ class NNHandler:
             >>> h.train(epochs=2, progress_bar=False); len(h.train_losses)
             2
         """
-        check.check_train_args(**{k: v for k, v in locals().items() if k != "self"})
-        self._check_ready()
-        raise_save_failures(self)
-        if self._resume is not None:
-            check_resume_batch_size(self._resume, self._train_loader)
-        self._last_train_kwargs = {
-            "validate_every": validate_every,
-            "gradient_accumulation_steps": gradient_accumulation_steps,
-            "use_amp": use_amp if isinstance(use_amp, (bool, str)) else str(use_amp).split(".")[-1],
-            "gradient_clipping_norm": gradient_clipping_norm,
-            "ema_decay": float(ema_decay),
-            "progress_bar": progress_bar,
-            "debug_print_interval": debug_print_interval,
-            "save_on_last_epoch": save_on_last_epoch,
-            "epoch_train_and_val_pbar": epoch_train_and_val_pbar,
-        }
-        amp_dtype = self._amp_dtype(use_amp)
-        use_scaler = amp_dtype is torch.float16
-        if seed is not None and self._resume is None:
-            self.seed = seed
-        state = self._ensure_state(ema=ema_decay > 0, scaler=use_scaler)
-        config = self._train_config(
-            accumulation_steps=gradient_accumulation_steps,
-            clip_norm=gradient_clipping_norm,
-            amp_dtype=amp_dtype,
-            loss_scaler=self._loss_scaler_config if use_scaler else None,
-            ema_decay=float(ema_decay),
-        )
-        self._auto_saver.check_name(self._log_keys())
-        self.stop_training = False
-        callbacks = CallbackList(self._callbacks, is_main=self._dist.is_main)
-        show = progress_bar and self._dist.is_main
-        start_epoch, history_at_start = state.epoch, len(self._history.train_losses)
-        self._target_epoch = start_epoch + epochs
-        self._log(
-            f"training epochs {start_epoch + 1}..{start_epoch + epochs} "
-            f"(accumulation {gradient_accumulation_steps}, amp {amp_dtype}, clip {gradient_clipping_norm}, "
-            f"ema {ema_decay})"
-        )
-        callbacks.call("on_train_begin", {"epochs": epochs, "start_epoch": start_epoch})
-        epoch_bar = tqdm(
-            total=epochs, desc="Epochs", unit="epoch", disable=not show, dynamic_ncols=True
-        )
-        logs: dict[str, Any] = {}
-        try:
-            for i in range(epochs):
-                epoch = start_epoch + i + 1
-                logs = self._run_epoch(
-                    state_config=config,
-                    epoch=epoch,
-                    callbacks=callbacks,
-                    validate=(epoch % validate_every == 0),
-                    epoch_bar=epoch_bar if show else None,
-                    batch_bars=show and epoch_train_and_val_pbar,
-                    debug_print_interval=debug_print_interval,
-                    last=(i == epochs - 1),
-                    save_on_last_epoch=save_on_last_epoch,
-                )
-                raise_save_failures(self)
-                if show:
-                    epoch_bar.update(1)
-                    epoch_bar.set_postfix(
-                        {
-                            k: f"{v:.4g}"
-                            for k, v in logs.items()
-                            if k in ("loss", "val_loss") and not math.isnan(v)
-                        },
-                        refresh=False,
-                    )
-                if self._dist.any_true(self.stop_training, self._device):
-                    self.stop_training = True
-                    self._target_epoch = epoch  # the call is complete: nothing left to resume
-                    self._log(f"training stopped by a callback after epoch {epoch}")
-                    if i != epochs - 1:
-                        self._auto_saver_final(logs, save_on_last_epoch)
-                    break
-            wait_for_saves(self)  # every background save is on disk before train() returns
-        except BaseException as exc:
-            self._drain_saves_after(exc)
-            recorded = len(self._history.train_losses) - history_at_start
-            self._state = check.epoch_matching_history(self._state, start_epoch, recorded)
-            error = self._dist.fail(exc)
-            if error is exc:
-                raise
-            raise error from exc
-        finally:
-            epoch_bar.close()
-        callbacks.call("on_train_end", logs)
-
-    def _run_epoch(
-        self,
-        *,
-        state_config: TrainConfig,
-        epoch: int,
-        callbacks: CallbackList,
-        validate: bool,
-        epoch_bar: Any,
-        batch_bars: bool,
-        debug_print_interval: int | None,
-        last: bool,
-        save_on_last_epoch: bool,
-    ) -> dict[str, Any]:
-        assert self._state is not None and self._train_loader is not None
-        config = state_config
-        sampler = getattr(self._train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch - 1)
-        resume, self._resume = self._resume, None
-        if resume is not None and resume.get("epoch") != epoch:
-            resume = None
-        generator = getattr(self._train_loader, "generator", None)
-        if not isinstance(generator, torch.Generator):
-            generator = None
-        if resume is not None:
-            restore_rng(resume["epoch_start_rng"])
-            loader_rng = resume["epoch_start_rng"].get("loader")
-            if generator is not None and isinstance(loader_rng, torch.Tensor):
-                generator.set_state(loader_rng)  # the loader's own shuffle replays too
-        if self._auto_saver.every_n_steps:
-            self._epoch_start_rng = capture_rng()
-            if generator is not None:
-                self._epoch_start_rng["loader"] = generator.get_state()
-        if resume is None:
-            callbacks.call("on_epoch_begin", epoch, {})
-        self._train_mode()
-        loader = fast_loader(self._train_loader)
-        bar = (
-            tqdm(total=len(loader), desc=f"Epoch {epoch} train", leave=False, dynamic_ncols=True)
-            if batch_bars
-            else None
-        )
-        uneven = (
-            self._dist.enabled
-            and isinstance(self._model, nn.parallel.DistributedDataParallel)
-            and not isinstance(getattr(self._train_loader, "sampler", None), DistributedSampler)
-        )
-        join = self._model.join() if uneven else contextlib.nullcontext()
-        try:
-            with join:
-                result = run_train_epoch(
-                    self._state,
-                    config,
-                    loader,
-                    device=self._device,
-                    metrics=self._metrics,
-                    callbacks=callbacks,
-                    progress=bar,
-                    status=bar if bar is not None else epoch_bar,
-                    debug_print_interval=debug_print_interval,
-                    log=self._log,
-                    epoch_label=f"epoch {epoch}",
-                    on_step=self._step_hook(epoch),
-                    skip_batches=resume["batch_offset"] if resume else 0,
-                    after_skip=(lambda: restore_rng(resume["step_rng"])) if resume else None,
-                    initial_sums=resume["sums"] if resume else None,
-                    real_samples=real_samples(self._train_loader),
-                )
-        finally:
-            if bar is not None:
-                bar.close()
-        self._state = result.state
-        packed = [pack_sums(result.sums)]
-        val_result = None
-        has_val = validate and self._val_loader is not None
-        if has_val:
-            callbacks.call("on_val_begin", {"epoch": epoch})
-            val_result = self._validate(config, callbacks, batch_bars, epoch)
-            packed.append(pack_sums(val_result.sums))
-        flat = torch.cat(packed)
-        self._dist.all_reduce_sum(flat)
-        names = list(self._metrics)
-        n_train = packed[0].numel()
-        train_loss, train_metrics = epoch_means(flat[:n_train], self._metrics, "train")
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"the training loss of epoch {epoch} is {train_loss} (on every rank): training diverged. "
-                "Lower the learning rate, clip gradients (gradient_clipping_norm=...), or check the "
-                "data and the loss function for inf/NaN"
-            )
-        logs: dict[str, Any] = {"epoch": epoch, "loss": train_loss, **train_metrics}
-        val_loss, val_metrics = None, None
-        if has_val:
-            val_loss, val_metrics = epoch_means(flat[n_train:], self._metrics, "val")
-            logs["val_loss"] = val_loss
-            logs.update({f"val_{k}": v for k, v in val_metrics.items()})
-            callbacks.call("on_val_end", dict(logs))
-        self._history.append(train_loss, val_loss, train_metrics, val_metrics)
-        if self._ensemble is not None:
-            self._ensemble.record_epoch(flat, n_train, names, has_val)
-        optimizer = self.optimizer
-        if optimizer is not None:
-            logs["lr"] = float(optimizer.param_groups[0]["lr"])  # the rate this epoch trained with
-        self._step_scheduler(train_loss, val_loss)
-        self._log(
-            f"epoch {epoch}: " + ", ".join(f"{k}={v:.6g}" for k, v in logs.items() if k != "epoch")
-        )
-        callbacks.call("on_epoch_end", epoch, logs)
-        self._auto_saver_epoch(epoch, logs, last and save_on_last_epoch)
-        return logs
-
-    def _validate(
-        self, config: TrainConfig, callbacks: CallbackList, batch_bars: bool, epoch: int
-    ) -> Any:
-        assert self._val_loader is not None and self._state is not None
-        loader = fast_loader(self._val_loader)
-        bar = (
-            tqdm(total=len(loader), desc=f"Epoch {epoch} val", leave=False, dynamic_ncols=True)
-            if batch_bars
-            else None
-        )
-        if self._dist.enabled:
-            config = attrs.evolve(config, model=self._inference_model())
-        self.module.eval()
-        try:
-            return run_val_epoch(
-                self._state,
-                config,
-                loader,
-                device=self._device,
-                metrics=self._metrics,
-                callbacks=callbacks,
-                progress=bar,
-                real_samples=real_samples(self._val_loader),
-                loss_epoch=epoch - 1,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
-            self._train_mode()
-
-    def _step_scheduler(self, train_loss: float, val_loss: float | None) -> None:
-        if self._scheduler is None:
-            return
-        if isinstance(self._scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if val_loss is not None:
-                self._scheduler.step(val_loss)
-            elif self._val_loader is None:
-                self._scheduler.step(train_loss)
-        else:
-            self._scheduler.step()
-
-    # ------------------------------------------------------------------ auto-saving
-    def _step_hook(self, epoch: int) -> Callable[[TrainState, int, Any], None] | None:
-        every = self._auto_saver.every_n_steps
-        if not every:
-            return None
-
-        def on_step(state: TrainState, index: int, sums: Any) -> None:
-            if (index + 1) % every:
-                return
-            self._state = state
-            resume = {
-                "epoch": epoch,
-                "batch_offset": index + 1,
-                "batch_size": getattr(self._train_loader, "batch_size", None),
-                "epoch_start_rng": self._epoch_start_rng,
-                "step_rng": capture_rng(),
-                "sums": {"loss": sums.loss, "count": sums.count, "metrics": dict(sums.metrics)},
-                "target_epoch": self._target_epoch,
-            }
-            saver = self._auto_saver
-            write_step_checkpoint(self, str(saver.step_path()), resume=resume,
-                                  guard_replace=saver.from_checkpoint, background=saver.async_save)  # fmt: skip
-
-        return on_step
-
-    def _auto_saver_epoch(self, epoch: int, logs: dict[str, Any], final: bool) -> None:
-        saver = self._auto_saver
-        due = saver.due(epoch, final)
-        if due:
-            self._save_auto(logs)
-
-    def _auto_saver_final(self, logs: dict[str, Any], save_on_last_epoch: bool) -> None:
-        if save_on_last_epoch and self._auto_saver.enabled:
-            self._save_auto(logs)
-
-    def _save_auto(self, logs: dict[str, Any]) -> None:
-        saver = self._auto_saver
-        path = saver.path_for(logs)
-        # the file records itself as the last save, so a run resumed from it rotates it
-        self._auto_saver = attrs.evolve(saver, last_saved=str(path))
-        run_id = self._run_id
-        try:
-            if saver.async_save:  # the previous file goes once the new one is written
-                submit_checkpoint(
-                    self,
-                    str(path),
-                    guard_replace=saver.from_checkpoint,
-                    after=lambda written: saver.remove_previous(written, run_id),
-                    in_training=True,
-                )
-                return
-            write_checkpoint(self, str(path), guard_replace=saver.from_checkpoint)
-        except BaseException:
-            self._auto_saver = saver
-            raise
-        if self._dist.is_main:
-            saver.remove_previous(path, run_id)
+        run_training(self, **{k: v for k, v in locals().items() if k != "self"})
 
     # ------------------------------------------------------------------ checkpoints
     def save(
@@ -1220,6 +689,10 @@ class NNHandler:
         write_checkpoint(self, path, include_datasets=include_datasets)
         return None
 
+    def _write_checkpoint(self, path: str, *, guard_replace: bool) -> None:
+        """A blocking save for callbacks (``guard_replace``: see ``saving.write_checkpoint``)."""
+        write_checkpoint(self, path, guard_replace=guard_replace)
+
     def wait_for_saves(self, timeout: float | None = None) -> None:
         """Block until every background save of this handler is written; raise the first
         failure (a :class:`~nnh.checkpoint.CheckpointError` naming the file).
@@ -1229,15 +702,6 @@ class NNHandler:
             >>> h.wait_for_saves()   # nothing pending: returns at once
         """
         wait_for_saves(self, timeout)
-
-    def _drain_saves_after(self, exc: BaseException) -> None:
-        """Finish pending background saves after ``exc`` stopped training; report, not raise,
-        their failures (``exc`` is the error to surface)."""
-        if self._saves is None:
-            return
-        for err in self._saves.wait():
-            if err is not exc:
-                self._log(f"a background save failed while training stopped: {err}", logging.ERROR)
 
     def _background_writer(self) -> BackgroundWriter:
         if self._saves is None:
@@ -1314,23 +778,10 @@ class NNHandler:
             >>> torch.equal(g.module.weight, h.module.weight), len(g.optimizer.state)
             (True, 0)
         """
+        options = {k: v for k, v in locals().items() if k not in ("cls", "path")}
         from nnh.handler.loading import load_handler
 
-        return load_handler(
-            cls,
-            path,
-            device=device,
-            strict_load=strict_load,
-            skip_optimizer=skip_optimizer,
-            skip_scheduler=skip_scheduler,
-            skip_history=skip_history,
-            skip_callbacks=skip_callbacks,
-            skip_sampler_sde=skip_sampler_sde,
-            skip_ema=skip_ema,
-            trust_model_code=trust_model_code,
-            trusted=trusted,
-            trust_modules=trust_modules,
-        )
+        return load_handler(cls, path, **options)
 
     @classmethod
     def initialize_from_checkpoint(
@@ -1354,23 +805,11 @@ class NNHandler:
             >>> torch.equal(g.module.weight, h.module.weight), g.optimizer is None
             (True, True)
         """
-        from nnh.checkpoint import load_model_state, load_weights_file, strip_wrapper_prefixes
+        from nnh.handler.loading import initialize_handler
 
-        weights = load_weights_file(checkpoint_path, map_location="cpu")
-        handler = cls(
-            model_class,
-            device=device if device is not None else "cpu",
-            model_type=model_type if model_type is not None else ModelType.CLASSIFICATION,
-            **model_kwargs,
+        return initialize_handler(
+            cls, checkpoint_path, model_class, model_type, device, strict_load, model_kwargs
         )
-        load_model_state(
-            handler.module,
-            strip_wrapper_prefixes(weights),
-            strict=strict_load,
-            source=str(checkpoint_path),
-        )
-        handler._dist.barrier()
-        return handler
 
     # ------------------------------------------------------------------ evaluation
     def eval(self, activate: bool = True, log: bool = True) -> None:
@@ -1384,7 +823,7 @@ class NNHandler:
         if activate:
             self.module.eval()
         else:
-            self._train_mode()
+            train_mode(self)
         if log:
             self._log(f"model set to {'eval' if activate else 'train'} mode")
 
@@ -1426,36 +865,6 @@ class NNHandler:
             if self._logger is None and self._dist.is_main:
                 print(message)
 
-    @contextlib.contextmanager
-    def _ema_weights(self, apply_ema: bool) -> Iterator[bool]:
-        """Temporarily copy the EMA weights into the model; restores them bitwise after."""
-        state = self._state
-        if not apply_ema or state is None or state.ema is None:
-            yield False
-            return
-        names = list(state.params.keys())
-        live = [state.params[n] for n in names]
-        backup = [p.detach().clone() for p in live]
-        with torch.no_grad():
-            torch._foreach_copy_(live, [state.ema[n] for n in names])
-        try:
-            yield True
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(live, backup)
-
-    def _forward_batch(self, batch: Any) -> Any:
-        model = self._inference_model()
-        if isinstance(batch, torch.Tensor):
-            return model(batch)
-        if isinstance(batch, (list, tuple)):
-            if self._model_type.inputs_are_targets:
-                return model(*batch)
-            return model(batch[0], *batch[2:])
-        if isinstance(batch, dict):
-            return model(**batch)
-        return model(batch)
-
     def predict(
         self, data_loader: DataLoader | Dataset, apply_ema: bool = True
     ) -> list[Any] | None:
@@ -1474,35 +883,27 @@ class NNHandler:
             >>> len(outputs), outputs[0].shape
             (2, torch.Size([4, 1]))
         """
-        raise_save_failures(self)
-        check.check_predict_data(data_loader)
-        if not isinstance(data_loader, DataLoader):
-            data_loader = DataLoader(data_loader, batch_size=64)
-        from nnh.distributed.ddp import gather_predictions, sharded_eval_loader
+        return inference.predict(self, data_loader, apply_ema)
 
-        data_loader = sharded_eval_loader(data_loader, self._dist)
-        shard = ShardCounter(real_samples(data_loader))
-        was_training = self.module.training
-        self.module.eval()
-        outputs: list[Any] = []
-        try:
-            with self._ema_weights(apply_ema), torch.no_grad():
-                for batch in fast_loader(data_loader):
-                    n = batch_size(batch)
-                    k = shard.take(n)
-                    if k == 0:
-                        continue  # all DistributedSampler padding
-                    if k < n:
-                        batch = trim_batch(batch, k)
-                    outputs.append(self._forward_batch(move_to_device(batch, self._device)))
-        finally:
-            if was_training:
-                self._train_mode()
-        if not self._dist.enabled:
-            return outputs
-        if self._ensemble is not None:
-            return gather_member_predictions(self._dist, outputs, data_loader)
-        return gather_predictions(self._dist, outputs, data_loader)
+    def evaluate(
+        self, loader: DataLoader | Dataset | None = None, apply_ema: bool = True
+    ) -> dict[str, float]:
+        """Loss and every metric over ``loader`` (default: the validation loader).
+
+        Exact sample-weighted means over every sample once; under DDP every rank gets the
+        same numbers. EMA weights are used when ``apply_ema`` and EMA exists (then
+        restored); ``train()``'s logged ``val_*`` values use the live weights, so
+        ``evaluate(apply_ema=False)`` reproduces them for the same weights.
+
+        Example:
+            >>> from torch.utils.data import TensorDataset
+            >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")
+            >>> h.set_optimizer(torch.optim.SGD, lr=0.1); h.set_loss_fn(nn.functional.mse_loss)
+            >>> h.set_val_loader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+            >>> sorted(h.evaluate())
+            ['loss']
+        """
+        return inference.evaluate(self, loader, apply_ema)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Forward pass through the model: ``handler(x)``.

@@ -236,3 +236,27 @@ def epoch_matching_history(state: Any, start_epoch: int, recorded: int) -> Any:
     import attrs
 
     return attrs.evolve(state, epoch=start_epoch + recorded)
+
+
+_SDE_METHODS = ("sigma", "mu", "drift", "diffusion", "prior", "prior_log_prob", "marginal_prob")
+
+
+def check_sde(value: Any) -> None:
+    """Raise ``TypeError`` unless ``value`` is ``None`` or has what nnh needs of an SDE.
+
+    Example:
+        >>> from nnh.generative import VPSDE
+        >>> check_sde(VPSDE()); check_sde(None)
+        >>> check_sde(object())
+        Traceback (most recent call last):
+        ...
+        TypeError: object is not an SDE: it lacks ['sigma', 'mu', 'drift', 'diffusion', 'prior', 'prior_log_prob', 'marginal_prob']; use nnh.generative.VESDE/VPSDE/SubVPSDE or a subclass of nnh.generative.SDE
+    """
+    if value is None:
+        return
+    missing = [m for m in _SDE_METHODS if not callable(getattr(value, m, None))]
+    if missing or not hasattr(value, "T") or not hasattr(value, "epsilon"):
+        raise TypeError(
+            f"{type(value).__name__} is not an SDE: it lacks {missing or ['T', 'epsilon']}; "
+            "use nnh.generative.VESDE/VPSDE/SubVPSDE or a subclass of nnh.generative.SDE"
+        )
