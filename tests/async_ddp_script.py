@@ -2,9 +2,10 @@
 
     python -m torch.distributed.run --nproc_per_node=2 async_ddp_script.py FOLDER
 
-Rank 0's writer is slowed down (each file takes >= 2 s); every rank records how long its
-``train()`` took. Rank 0 waits for its writes before ``train()`` returns; the other ranks
-never wait for them.
+Rank 0's writer is slowed down (each file takes >= 2 s). Rank 1 leaves a marker when its
+``train()`` returns; each slow write records whether the marker was there. Rank 0's
+``train()`` returns only once its writes are on disk; rank 1 never waits for them, so the
+last write finds rank 1 done. An ordering is checked, never a duration.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from nnh.checkpoint.background import BackgroundWriter
 
 
 def slow_write(payload, path):
+    """A slow disk: each write takes >= 2 s; it records whether rank 1 had already finished
+    ``train()`` when the write went to disk (an ordering, not a duration)."""
     time.sleep(2.0)
+    folder = os.path.dirname(path)
+    with open(os.path.join(folder, "order.txt"), "a") as f:
+        f.write(f"{os.path.basename(path)} {os.path.exists(os.path.join(folder, 'rank1_done'))}\n")
     save_checkpoint(payload, path)
 
 
@@ -39,11 +45,13 @@ def main() -> None:
     h.set_train_loader(classification_data(128), batch_size=16, shuffle=True)
     h._saves = BackgroundWriter(write=slow_write)  # a slow disk on every rank that writes
     h.auto_save(1, save_path=folder, name="e{epoch}", every_n_steps=2, async_save=True)
-    start = time.perf_counter()
     h.train(2, progress_bar=False)
-    took = time.perf_counter() - start
+    written = sorted(os.listdir(folder))
+    if h.rank == 1:
+        with open(os.path.join(folder, "rank1_done"), "w") as f:
+            f.write("done")
     with open(os.path.join(folder, f"rank{h.rank}.json"), "w") as f:
-        json.dump({"train_s": took, "written": sorted(os.listdir(folder))}, f)
+        json.dump({"written": written}, f)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -200,7 +200,9 @@ def test_under_ddp_rank_0_writes_and_the_other_ranks_never_wait(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
-    # rank 0 returns only once its (slow) writes are on disk; rank 1 never waited for them
-    assert rank0["train_s"] >= rank1["train_s"] + 1.5, (rank0, rank1)
+    # rank 0's train() returned only once its writes were on disk; rank 1 had finished
+    # train() before rank 0's last write went to disk (it never waited for the writes)
     assert "e2.pth" in rank0["written"]
+    order = (tmp_path / "order.txt").read_text().split()
+    assert order[-1] == "True", order
     assert load_checkpoint(tmp_path / "e2.pth")["train_state"]["counters"]["epoch"] == 2
