@@ -79,6 +79,7 @@ class MLflowLogger(Callback):
         self.run_id: str | None = None
         self._client: Any = None
         self._checkpoint: str | None = None
+        self._restored = False
 
     # ------------------------------------------------------------------ MLflow plumbing
     def _mlflow(self) -> Any:
@@ -128,6 +129,9 @@ class MLflowLogger(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._restored:  # resuming from a checkpoint the run logged when it was written
+            self._checkpoint = checkpoint_path(self.handler) or self._checkpoint
+            self._restored = False
         self._open_run()
         self._log_params(run_config(self.handler, logs))
 
@@ -177,3 +181,4 @@ class MLflowLogger(Callback):
         checkpoint = state.get("checkpoint")
         self.run_id = run_id
         self._checkpoint = checkpoint if isinstance(checkpoint, str) else None
+        self._restored = True

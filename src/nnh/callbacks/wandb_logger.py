@@ -65,9 +65,7 @@ class WandbLogger(Callback):
         super().__init__()
         require("wandb", "wandb", "WandbLogger")
         if mode not in _MODES:
-            raise ValueError(
-                f"WandbLogger mode must be one of {_MODES}, got {mode!r}"
-            )
+            raise ValueError(f"WandbLogger mode must be one of {_MODES}, got {mode!r}")
         if project is not None and not isinstance(project, str):
             raise TypeError(f"WandbLogger project must be a string or None, got {project!r}")
         for reserved in ("id", "resume", "config", "project", "mode", "dir"):
@@ -84,6 +82,7 @@ class WandbLogger(Callback):
         self.run_id: str | None = None
         self._run: Any = None
         self._checkpoint: str | None = None
+        self._restored = False
 
     def _open_run(self, config: dict[str, Any]) -> None:
         wandb = importlib.import_module("wandb")
@@ -111,6 +110,9 @@ class WandbLogger(Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        if self._restored:  # resuming from a checkpoint the run logged when it was written
+            self._checkpoint = checkpoint_path(self.handler) or self._checkpoint
+            self._restored = False
         self._open_run(run_config(self.handler, logs))
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
@@ -153,3 +155,4 @@ class WandbLogger(Callback):
         checkpoint = state.get("checkpoint")
         self.run_id = run_id
         self._checkpoint = checkpoint if isinstance(checkpoint, str) else None
+        self._restored = True
