@@ -194,7 +194,7 @@ def test_wandb_resumed_run_continues_the_same_id(wandb_run):
 def test_trackers_check_their_arguments():
     with pytest.raises(ValueError, match="mode must be one of"):
         WandbLogger(mode="online!")
-    with pytest.raises(ValueError, match="sets wandb.init's 'id' itself"):
+    with pytest.raises(ValueError, match=r"sets wandb.init's 'id' itself"):
         WandbLogger(id="abc")
     with pytest.raises(ValueError, match="experiment_name must be a non-empty string"):
         MLflowLogger(experiment_name="")
@@ -221,3 +221,22 @@ def test_importing_nnh_imports_no_tracker_and_a_missing_one_names_the_extra():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_trackers_are_trusted_callbacks_with_checked_arguments():
+    from nnh.checkpoint import CheckpointError
+    from nnh.checkpoint.registry import check_arguments, lookup
+
+    assert lookup("nnh.callbacks.MLflowLogger", "callback") is MLflowLogger
+    assert lookup("nnh.callbacks.WandbLogger", "callback") is WandbLogger
+    ok = {"tracking_uri": "file:/tmp/m", "experiment_name": "e", "run_name": None}
+    assert check_arguments(MLflowLogger, ok, record="callback") == ok
+    with pytest.raises(CheckpointError, match="experiment_name"):
+        check_arguments(MLflowLogger, {"experiment_name": 3}, record="callback")
+    with pytest.raises(CheckpointError, match="not accepted"):  # no wandb.init arguments from files
+        check_arguments(WandbLogger, {"entity": "someone"}, record="callback")
+    assert WandbLogger(mode="disabled", dir="d", name="n").config() == {
+        "project": None,
+        "mode": "disabled",
+        "dir": "d",
+    }
