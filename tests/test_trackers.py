@@ -240,3 +240,12 @@ def test_trackers_are_trusted_callbacks_with_checked_arguments():
         "mode": "disabled",
         "dir": "d",
     }
+
+
+def test_trackers_run_on_rank_zero_only():
+    from nnh.callbacks import CallbackList
+
+    for logger in (MLflowLogger(), WandbLogger(mode="disabled")):
+        others = CallbackList([logger], is_main=False)
+        assert not any(others.wants(hook) for hook in ("on_train_begin", "on_epoch_end"))
+        assert CallbackList([logger], is_main=True).wants("on_epoch_end")
