@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(VPY) -m pip install -q -c constraints.txt -e ".[dev,metrics,tensorboard]"
+	$(VPY) -m pip install -q -c constraints.txt -e ".[dev,metrics,tensorboard,mlflow,wandb]"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -10,9 +10,11 @@ from nnh.callbacks.base import HOOKS, Callback, CallbackList
 from nnh.callbacks.csv_logger import CSVLogger
 from nnh.callbacks.early_stopping import EarlyStopping
 from nnh.callbacks.lr_monitor import LearningRateMonitor
+from nnh.callbacks.mlflow_logger import MLflowLogger
 from nnh.callbacks.model_checkpoint import ModelCheckpoint
 from nnh.callbacks.tensorboard import TensorBoardLogger
 from nnh.callbacks.timer import EpochTimer
+from nnh.callbacks.wandb_logger import WandbLogger
 
 __all__ = [
     "HOOKS",
@@ -22,6 +24,8 @@ __all__ = [
     "EarlyStopping",
     "EpochTimer",
     "LearningRateMonitor",
+    "MLflowLogger",
     "ModelCheckpoint",
     "TensorBoardLogger",
+    "WandbLogger",
 ]
