@@ -1,6 +1,6 @@
 # Two commands, each sets itself up on a fresh machine:
 #   make demo   -- train, plot, checkpoint, resume, sample, log-likelihood
-#   make test   -- every test (pytest + hypothesis property tests)
+#   make test   -- every test in one pytest run (tests, hypothesis property tests, doctests)
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -21,15 +21,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VPY) -m pytest -q -p no:cacheprovider
-	$(VPY) -m pytest -q -p no:cacheprovider --doctest-modules src/nnh
 
 lint: $(VENV)/.installed
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check src
 
 bench: $(VENV)/.installed
-	$(VPY) benchmarks/bench_core_loop.py
-	$(VPY) benchmarks/bench_handler.py
+	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b; done
 
 # The checkpoint fuzzer, long: NNH_FUZZ_EXAMPLES=20000 make fuzz (random, not the CI sequence)
 fuzz: $(VENV)/.installed

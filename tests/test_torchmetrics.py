@@ -66,3 +66,14 @@ def test_metric_object_is_loaded_back_as_missing_not_broken(tmp_path):
     h.set_train_loader(DataLoader(classification_data(20), batch_size=10))
     h.train(epochs=1, progress_bar=False)
     assert 0 <= h.train_metrics_history["f1"][0] <= 1
+
+
+def test_a_phase_starts_from_a_fresh_metric_after_an_interrupted_one():
+    from nnh.handler.metric_objects import StatefulMetric
+
+    m = StatefulMetric(MulticlassF1Score(num_classes=3, average="macro"))
+    m.begin("train")
+    m(torch.eye(3)[[0, 1, 2, 0]], torch.tensor([1, 2, 0, 2]))  # all wrong; the epoch is interrupted
+    m.begin("train")  # the next epoch
+    m(torch.eye(3)[[0, 1, 2]], torch.tensor([0, 1, 2]))  # all right
+    assert m.end("train") == pytest.approx(1.0)
