@@ -143,6 +143,10 @@ def check_has_batches(which: str, loader: DataLoader) -> DataLoader:
         Traceback (most recent call last):
         ...
         ValueError: the training loader yields no batches: 3 samples, batch_size=4, drop_last=True (drop_last drops the only, partial batch). Give it data, a smaller batch_size, or drop_last=False
+        >>> check_has_batches("training", DataLoader(TensorDataset(torch.zeros(0, 1)), batch_size=4))
+        Traceback (most recent call last):
+        ...
+        ValueError: the training loader yields no batches: 0 samples, batch_size=4, drop_last=False. Give it data
     """
     if isinstance(getattr(loader, "dataset", None), IterableDataset):
         return loader
@@ -158,9 +162,10 @@ def check_has_batches(which: str, loader: DataLoader) -> DataLoader:
         n = "an unknown number of"
     drop_last = getattr(loader, "drop_last", False)
     why = " (drop_last drops the only, partial batch)" if drop_last and n else ""
+    fix = "Give it data, a smaller batch_size, or drop_last=False" if drop_last else "Give it data"
     raise ValueError(
         f"the {which} loader yields no batches: {n} samples, batch_size={loader.batch_size}, "
-        f"drop_last={drop_last}{why}. Give it data, a smaller batch_size, or drop_last=False"
+        f"drop_last={drop_last}{why}. {fix}"
     )
 
 
