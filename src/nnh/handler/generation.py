@@ -168,7 +168,9 @@ def handler_sample(
     sde = handler._require_sde("sample")
     check_steps(steps)
     shape = check_sample_shape(shape)
-    check_sampler_options(method, ode_method, corrector_steps, snr, time_grid)
+    method, ode_method = check_sampler_options(
+        method, ode_method, corrector_steps, snr, time_grid, denoise, guidance_factor
+    )
     dist = handler._dist
     split = dist.enabled and not _RANK_LOCAL.get()
     n = shape[0]
