@@ -143,6 +143,32 @@ def _ode_calls(ode_method: str) -> int:
     return 1 if name in MULTISTEP_METHODS else evaluations_per_step(name)
 
 
+def _first_call_checked(score_fn: ScoreFn, shape: tuple[int, ...]) -> ScoreFn:
+    """``score_fn`` whose first call names ``shape`` when the model cannot take it or answers another shape."""
+    checked = []
+
+    def score(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if checked:
+            return score_fn(t, x)
+        try:
+            out = score_fn(t, x)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"shape={shape} does not fit the model: its first call on x of shape "
+                f"{tuple(x.shape)} failed ({exc}); pass (N, *the model's sample shape)"
+            ) from exc
+        if out.shape != x.shape:
+            raise ValueError(
+                f"shape={shape} does not fit the model: the score for x of shape "
+                f"{tuple(x.shape)} came back with shape {tuple(out.shape)}; pass "
+                f"(N, *the model's sample shape)"
+            )
+        checked.append(True)
+        return out
+
+    return score
+
+
 def _guided(score_fn: ScoreFn, guidance_fn: ScoreFn | None, factor: float) -> ScoreFn:
     if guidance_fn is None:
         return score_fn
@@ -201,11 +227,11 @@ def sample_sde(
     t_end = sde.epsilon if t_end is None else float(t_end)
     if not (0.0 <= t_end < sde.T):
         raise ValueError(f"t_end must be in [0, T) = [0, {sde.T}), got {t_end}")
-    score = _guided(score_fn, guidance_fn, guidance_factor)
+    score = _first_call_checked(_guided(score_fn, guidance_fn, guidance_factor), shape)
     if method == "em" and time_grid == "uniform":
         x = sample_reverse_sde(
             sde,
-            score_fn,
+            _first_call_checked(score_fn, shape),
             shape,
             steps,
             generator=generator,
