@@ -27,7 +27,7 @@ from nnh.generative.time_grid import noise_level
 
 NNH_ROWS = [("Euler", "edm"), ("Heun", "edm"), ("RK4", "edm"), ("dpm++2m", "edm"),
             ("dpm++2m", "logsnr"), ("dpm++3m", "edm")]  # fmt: skip
-KD_ROWS = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_dpmpp_2m"]
+KD_ROWS = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_dpmpp_2m", "sample_dpmpp_3m_sde"]
 CALLS = (10, 20, 40)
 
 
@@ -91,7 +91,10 @@ def run_k_diffusion(kd, name: str, sde: SDE, model, x_T: torch.Tensor, calls: in
         return (x + s * s * score(t, x)) / mu
 
     mu_T, mu_end = float(sde.mu(torch.tensor(sde.T))), float(sde.mu(torch.tensor(t_end)))
-    x_hat = getattr(kd, name)(denoiser, x_T / mu_T, sigmas, disable=True)
+    extra = {}
+    if name == "sample_dpmpp_3m_sde":  # eta = 0: its deterministic (ODE) form, no noise drawn
+        extra = {"eta": 0.0, "noise_sampler": lambda a, b: torch.zeros_like(x_T)}
+    x_hat = getattr(kd, name)(denoiser, x_T / mu_T, sigmas, disable=True, **extra)
     return mu_end * x_hat, counter[0]
 
 
