@@ -86,7 +86,10 @@ def run_k_diffusion(kd, name: str, sde: SDE, model, x_T: torch.Tensor, calls: in
         if level not in times:
             times[level] = _time_of_level(sde, level, t_end)
         t = torch.full((x_hat.shape[0],), times[level], dtype=x_hat.dtype)
-        mu, s = float(sde.mu(torch.tensor(times[level]))), float(sde.sigma(torch.tensor(times[level])))
+        mu, s = (
+            float(sde.mu(torch.tensor(times[level]))),
+            float(sde.sigma(torch.tensor(times[level]))),
+        )
         x = mu * x_hat
         return (x + s * s * score(t, x)) / mu
 

@@ -4,6 +4,7 @@ pure (inputs untouched, no RNG), and the noise-level Euler/Heun/RK4 orders."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -48,9 +49,11 @@ def exact_flow(sde, lam, q, x, t0: float, t1: float) -> torch.Tensor:
     return mu[1] * (((x / mu[0]) @ q) * scale) @ q.T
 
 
-def solve(sde, score, x, times, order: int, history: MultistepHistory | None = None) -> torch.Tensor:
+def solve(
+    sde, score, x, times, order: int, history: MultistepHistory | None = None
+) -> torch.Tensor:
     history = MultistepHistory() if history is None else history
-    for a, b in zip(times, times[1:]):
+    for a, b in itertools.pairwise(times):
         x, history = dpm_solver_pp_step(sde, score, a, b, x, history, order)
     return x
 
@@ -104,7 +107,9 @@ def _observed_order(sde, step_fn, n: int, warm: bool = False) -> float:
     score = gaussian_score(sde, lam, q)
     x0 = torch.randn(64, DIM, generator=torch.Generator().manual_seed(0), dtype=F64)
     t_start, t_end = 0.6 * sde.T, 0.05 * sde.T
-    x0 = x0 * float(torch.sqrt(sde.mu(torch.tensor(t_start)) ** 2 + sde.sigma(torch.tensor(t_start)) ** 2))
+    x0 = x0 * float(
+        torch.sqrt(sde.mu(torch.tensor(t_start)) ** 2 + sde.sigma(torch.tensor(t_start)) ** 2)
+    )
     want = exact_flow(sde, lam, q, x0, t_start, t_end)
     errs = []
     for steps in (n, 2 * n):
@@ -119,7 +124,10 @@ def _observed_order(sde, step_fn, n: int, warm: bool = False) -> float:
                 x_prev = exact_flow(sde, lam, q, x0, t_start, t_prev)
                 tt = torch.tensor(t_prev, dtype=F64)
                 d = (x_prev + sde.sigma(tt) ** 2 * score(t_prev, x_prev)) / sde.mu(tt)
-                history = MultistepHistory((d, *history.denoised[:1]), (float(levels[times.index(t_prev)].log()), *history.log_levels[:1]))
+                history = MultistepHistory(
+                    (d, *history.denoised[:1]),
+                    (float(levels[times.index(t_prev)].log()), *history.log_levels[:1]),
+                )
         errs.append(float((step_fn(sde, score, x0, times[2:], history) - want).abs().max()))
     return math.log2(errs[0] / errs[1])
 
@@ -128,7 +136,11 @@ def _time_of(sde, level: float) -> float:
     lo, hi = 0.0, sde.T
     for _ in range(100):
         mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if float(noise_level(sde, torch.tensor(mid, dtype=F64))) > level else (mid, hi)
+        lo, hi = (
+            (lo, mid)
+            if float(noise_level(sde, torch.tensor(mid, dtype=F64))) > level
+            else (mid, hi)
+        )
     return 0.5 * (lo + hi)
 
 
@@ -144,15 +156,19 @@ def test_multistep_order_of_convergence_on_a_correlated_gaussian(sde, order, low
     observed = _observed_order(sde, run, 16, warm=True)
     assert low <= observed <= order + 0.8, observed
     cold = _observed_order(sde, lambda s, f, x, ts, history: solve(s, f, x, ts, order), 16)
-    assert cold >= min(low, 1.7), cold  # a cold start (first-order first step) is still >= 2nd order
+    assert cold >= min(low, 1.7), (
+        cold
+    )  # a cold start (first-order first step) is still >= 2nd order
 
 
 @pytest.mark.parametrize("sde", SDES, ids=["VE", "VP", "subVP"])
 @pytest.mark.parametrize(("method", "low"), [("Euler", 0.8), ("Heun", 1.7), ("RK4", 3.5)])
 def test_noise_level_steps_keep_their_order(sde, method, low):
     def run(s, f, x, ts, history):
-        for a, b in zip(ts, ts[1:]):
-            x = probability_flow_step(s, f, torch.full((x.shape[0],), a, dtype=F64), x, a - b, method)
+        for a, b in itertools.pairwise(ts):
+            x = probability_flow_step(
+                s, f, torch.full((x.shape[0],), a, dtype=F64), x, a - b, method
+            )
         return x
 
     observed = _observed_order(sde, run, 8)

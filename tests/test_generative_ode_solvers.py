@@ -8,6 +8,7 @@ arguments and stay strictly decreasing.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -26,11 +27,15 @@ def exact_handler(model_class=ExactGaussianScore, sde_class=VPSDE, **kwargs) -> 
     return h
 
 
-@pytest.mark.parametrize(("ode_method", "per_step"), [("dpm++2m", 1), ("DPM++3M", 1), ("heun", 2), ("Rk4", 4)])
+@pytest.mark.parametrize(
+    ("ode_method", "per_step"), [("dpm++2m", 1), ("DPM++3M", 1), ("heun", 2), ("Rk4", 4)]
+)
 def test_every_ode_method_makes_the_stated_number_of_model_calls(ode_method, per_step):
     h = exact_handler()
     with CallRecorder(h.module) as rec:
-        x = h.sample((5, 2), 7, method="ODE", ode_method=ode_method, time_grid="EDM", bar=False, denoise=True)
+        x = h.sample(
+            (5, 2), 7, method="ODE", ode_method=ode_method, time_grid="EDM", bar=False, denoise=True
+        )
     assert rec.calls == 7 * per_step + 1 == score_calls("ode", 7, ode_method, denoise=True)
     assert x.shape == (5, 2) and torch.isfinite(x).all()
 
@@ -74,13 +79,21 @@ def test_noise_level_heun_beats_the_t_space_heun_on_ve():
 
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"guidance_factor": math.nan, "likelihood_score_fn": lambda t, x: x}, r"guidance_factor must be a finite number, got nan"),
-     ({"method": "pc", "snr": math.inf}, r"snr must be a finite number, got inf"),
-     ({"denoise": "no"}, r"denoise must be True or False, got 'no'"),
-     ({"steps": -2}, r"steps must be an integer >= 1, got -2"),
-     ({"method": "ode", "ode_method": "dpm++9m"}, r"ode_method='dpm\+\+9m': use one of"),
-     ({"time_grid": "karras"}, r"time_grid='karras': use one of \('uniform', 'edm', 'logsnr'\)"),
-     ({"condition": [torch.zeros(3, 2)]}, r"condition\[0\] has batch 3 \(shape \(3, 2\)\) but shape\[0\]=4")],
+    [
+        (
+            {"guidance_factor": math.nan, "likelihood_score_fn": lambda t, x: x},
+            r"guidance_factor must be a finite number, got nan",
+        ),
+        ({"method": "pc", "snr": math.inf}, r"snr must be a finite number, got inf"),
+        ({"denoise": "no"}, r"denoise must be True or False, got 'no'"),
+        ({"steps": -2}, r"steps must be an integer >= 1, got -2"),
+        ({"method": "ode", "ode_method": "dpm++9m"}, r"ode_method='dpm\+\+9m': use one of"),
+        ({"time_grid": "karras"}, r"time_grid='karras': use one of \('uniform', 'edm', 'logsnr'\)"),
+        (
+            {"condition": [torch.zeros(3, 2)]},
+            r"condition\[0\] has batch 3 \(shape \(3, 2\)\) but shape\[0\]=4",
+        ),
+    ],
 )
 def test_bad_arguments_are_named_before_any_model_call(options, match):
     h = exact_handler()
@@ -108,23 +121,30 @@ def test_names_are_case_insensitive_and_edm_means_edm():
 
 @pytest.mark.parametrize(
     ("call", "match"),
-    [(lambda: time_grid(VPSDE(), 0, 1e-3, "edm"), r"steps must be an integer >= 1, got 0"),
-     (lambda: time_grid(VPSDE(), 0, 1e-3), r"steps must be an integer >= 1, got 0"),
-     (lambda: edm_grid(VPSDE(), 5, 2.0), r"t_end must be a finite time in \[0, T\) = \[0, 1.0\), got 2.0"),
-     (lambda: time_grid(VPSDE(), 5, math.nan, "logsnr"), r"t_end must be a finite time"),
-     (lambda: time_grid(VPSDE(), 5, 1e-3, "EDMX"), r"time_grid='EDMX'")],
+    [
+        (lambda: time_grid(VPSDE(), 0, 1e-3, "edm"), r"steps must be an integer >= 1, got 0"),
+        (lambda: time_grid(VPSDE(), 0, 1e-3), r"steps must be an integer >= 1, got 0"),
+        (
+            lambda: edm_grid(VPSDE(), 5, 2.0),
+            r"t_end must be a finite time in \[0, T\) = \[0, 1.0\), got 2.0",
+        ),
+        (lambda: time_grid(VPSDE(), 5, math.nan, "logsnr"), r"t_end must be a finite time"),
+        (lambda: time_grid(VPSDE(), 5, 1e-3, "EDMX"), r"time_grid='EDMX'"),
+    ],
 )
 def test_core_grids_refuse_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
 
-@pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE(), VESDE(sigma_min=1e-3, sigma_max=2e-3)])
+@pytest.mark.parametrize(
+    "sde", [VESDE(), VPSDE(), SubVPSDE(), VESDE(sigma_min=1e-3, sigma_max=2e-3)]
+)
 @pytest.mark.parametrize("name", ["edm", "logsnr"])
 def test_noise_level_grids_are_strictly_decreasing_and_skip_the_flat_end(sde, name):
     grid = time_grid(sde, 12, sde.epsilon, name.upper())
     assert grid[0] == sde.T and grid[-1] == sde.epsilon
-    assert all(a > b for a, b in zip(grid, grid[1:]))
+    assert all(a > b for a, b in itertools.pairwise(grid))
     # sub-VP: lambda(1e-5) ~ 1e-6; the next-to-last time sits at the floor 2e-3, not at ~1e-6
     level = lambda t: float(sde.sigma(torch.tensor(t)) / sde.mu(torch.tensor(t)))  # noqa: E731
     assert level(grid[-2]) >= min(2e-3, 1e-3 * level(sde.T)) * 0.999
@@ -133,5 +153,7 @@ def test_noise_level_grids_are_strictly_decreasing_and_skip_the_flat_end(sde, na
 @pytest.mark.parametrize("method", ["em", "ode", "pc"])
 def test_a_score_of_another_shape_is_named_not_broadcast(method):
     # [B, 1] would broadcast silently against x [B, 2]
-    with pytest.raises(ValueError, match=r"shape=\(4, 2\) does not fit the model: .* shape \(4, 1\)"):
+    with pytest.raises(
+        ValueError, match=r"shape=\(4, 2\) does not fit the model: .* shape \(4, 1\)"
+    ):
         sample_sde(VPSDE(), lambda t, x: x[:, :1], (4, 2), 3, method=method)
