@@ -16,7 +16,17 @@ import torch
 from gen_models import CallRecorder, ExactGaussianScore, MixtureExactScore, mixture_errors
 
 from nnh import NNHandler
-from nnh.generative import VESDE, VPSDE, SubVPSDE, edm_grid, sample_sde, score_calls, time_grid
+from nnh.generative import (
+    VESDE,
+    VPSDE,
+    SubVPSDE,
+    dpm_solver_pp_step,
+    edm_grid,
+    probability_flow_step,
+    sample_sde,
+    score_calls,
+    time_grid,
+)
 
 torch.set_num_threads(1)
 
@@ -157,3 +167,41 @@ def test_a_score_of_another_shape_is_named_not_broadcast(method):
         ValueError, match=r"shape=\(4, 2\) does not fit the model: .* shape \(4, 1\)"
     ):
         sample_sde(VPSDE(), lambda t, x: x[:, :1], (4, 2), 3, method=method)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda: probability_flow_step(
+                VPSDE(), lambda t, x: -x, math.nan, torch.ones(2, 2), 0.1
+            ),
+            r"t must be a finite time, got nan",
+        ),
+        (
+            lambda: dpm_solver_pp_step(VPSDE(), lambda t, x: -x, math.inf, 0.5, torch.ones(2, 2)),
+            r"need finite times t_next < t, got t=inf",
+        ),
+        (
+            lambda: dpm_solver_pp_step(VPSDE(), lambda t, x: -x, 0.5, 0.6, torch.ones(2, 2)),
+            r"t_next < t",
+        ),
+    ],
+)
+def test_core_steps_refuse_non_finite_or_backward_times(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_heun_ending_at_zero_noise_keeps_two_calls_and_stays_finite():
+    # VP on the uniform grid down to t_end = 0 (lambda = 0): the last corrector is dropped
+    # without a host sync, the call count stays 2 per step and the result finite
+    sde, calls = VPSDE(), []
+    score = lambda t, x: (
+        calls.append(1),
+        -x / (sde.mu(t) ** 2 * 0.25 + sde.sigma(t) ** 2).reshape(-1, 1),
+    )[1]  # noqa: E731
+    x = sample_sde(
+        sde, score, (6, 2), 5, method="ode", t_end=0.0, generator=torch.Generator().manual_seed(0)
+    )
+    assert len(calls) == 10 and torch.isfinite(x).all()

@@ -12,6 +12,8 @@ argument, so each function is deterministic and leaves its inputs untouched.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nnh.generative.sde import SDE, Time, as_time_tensor, expand_time
@@ -82,7 +84,7 @@ def probability_flow_step(
     it reads ``dx_hat / dlambda = -lambda mu s(t, x)`` and the trajectories are nearly
     straight (for VE, ``x_hat = x`` and ``lambda = sigma``). Any SDE works through its
     ``mu``/``sigma``. ``method``: ``"Euler"`` (1 score call), ``"Heun"`` (2: Euler predictor,
-    trapezoidal corrector; the corrector is skipped, as in EDM, when ``lambda(t - dt) = 0``)
+    trapezoidal corrector; its result is the predictor's, as in EDM, where ``lambda(t - dt) = 0``)
     or ``"RK4"`` (4; its midpoint is the time where ``lambda`` is halfway, found by
     bisection). Deterministic: the same ``x`` gives the same result.
 
@@ -94,6 +96,8 @@ def probability_flow_step(
     """
     _check_dt(dt)
     method = check_ode_method(method)
+    if not isinstance(t, torch.Tensor) and not math.isfinite(t):
+        raise ValueError(f"t must be a finite time, got {t!r}")
     t0 = as_time_tensor(t, x) if isinstance(t, torch.Tensor) else float(t)
     t1 = t0 - dt
     mu0, lam0 = _noise_scale(sde, t0, x)
@@ -110,9 +114,8 @@ def probability_flow_step(
         return mu1 * (x_hat + h * d1)
     if method == "Heun":
         x_pred = x_hat + h * d1
-        if bool((lam1 == 0).all()):
-            return mu1 * x_pred
-        return mu1 * (x_hat + 0.5 * h * (d1 + slope(t1, lam1, x_pred)))
+        heun = x_hat + 0.5 * h * (d1 + slope(t1, lam1, x_pred))
+        return mu1 * torch.where(lam1 == 0, x_pred, heun)  # no host sync; 2 calls always
     lam_mid = 0.5 * (lam0 + lam1)
     level = (lam_mid.reshape(-1) if lam_mid.ndim else lam_mid).double()
     t_mid64 = _invert_level(sde, level.cpu(), _cpu(t1), _cpu(t0)).to(level.device)
