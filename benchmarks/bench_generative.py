@@ -8,7 +8,12 @@ own. For VP and VE, 20 000 samples per row (Monte-Carlo SE: weight <= 0.0035, st
 max relative within-mode std error, seconds. When ``score_models`` is installed, its
 Euler-Maruyama ``ScoreModel.sample`` on the same network is timed beside nnh's ``em``.
 
-    python benchmarks/bench_generative.py [--n 20000] [--quick] [--json out.json]
+``--flow`` (issue 20) prints instead the ODE samplers' table of model calls against weight,
+std and flow error (RMS distance to a converged solve from the same prior draw), nnh's and,
+when ``k_diffusion`` is installed (``pip install k-diffusion --no-deps``), k-diffusion's on
+the same exact score (see ``flow_table.py``).
+
+    python benchmarks/bench_generative.py [--n 20000] [--quick] [--flow] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ CONFIGS = [
     ("ode", "uniform", {"ode_method": "Heun"}, (10, 20, 50)),
     ("ode", "edm", {"ode_method": "Heun"}, (10, 15, 20, 50)),
     ("ode", "edm", {"ode_method": "RK4"}, (5, 10)),
+    ("ode", "edm", {"ode_method": "dpm++2m"}, (10, 20, 40)),
+    ("ode", "edm", {"ode_method": "dpm++3m"}, (10, 20, 40)),
 ]
 
 
@@ -50,9 +57,19 @@ def run_nnh(h: NNHandler, n: int, steps: int, method: str, grid: str, options: d
     x = h.sample((n, 2), steps, method=method, time_grid=grid, bar=False, **options)
     seconds = time.perf_counter() - start
     w_err, s_err = mixture_errors(x, h.sde)
-    calls = score_calls(method, steps, options.get("ode_method", "Heun"), options.get("corrector_steps", 1))
-    return {"method": method, "grid": grid, **options, "steps": steps, "calls": calls,
-            "weight_err": round(w_err, 4), "std_err": round(s_err, 4), "seconds": round(seconds, 2)}
+    calls = score_calls(
+        method, steps, options.get("ode_method", "Heun"), options.get("corrector_steps", 1)
+    )
+    return {
+        "method": method,
+        "grid": grid,
+        **options,
+        "steps": steps,
+        "calls": calls,
+        "weight_err": round(w_err, 4),
+        "std_err": round(s_err, 4),
+        "seconds": round(seconds, 2),
+    }
 
 
 def run_score_models(h: NNHandler, n: int, steps: int) -> dict | None:
@@ -62,8 +79,11 @@ def run_score_models(h: NNHandler, n: int, steps: int) -> dict | None:
     except ImportError:
         return None
     sde = h.sde
-    kwargs = ({"sigma_min": sde.sigma_min, "sigma_max": sde.sigma_max} if isinstance(sde, VESDE)
-              else {"beta_min": sde.beta_min, "beta_max": sde.beta_max})
+    kwargs = (
+        {"sigma_min": sde.sigma_min, "sigma_max": sde.sigma_max}
+        if isinstance(sde, VESDE)
+        else {"beta_min": sde.beta_min, "beta_max": sde.beta_max}
+    )
     try:
         model = ScoreModel(model=h.module, **kwargs)
         torch.manual_seed(0)
@@ -74,8 +94,14 @@ def run_score_models(h: NNHandler, n: int, steps: int) -> dict | None:
     except Exception as exc:  # an API change in score_models: report it, keep the bench going
         return {"score_models_error": f"{type(exc).__name__}: {exc}"}
     w_err, s_err = mixture_errors(x.to(torch.get_default_dtype()), sde)
-    return {"method": "score_models em", "steps": steps, "calls": steps,
-            "weight_err": round(w_err, 4), "std_err": round(s_err, 4), "seconds": round(seconds, 2)}
+    return {
+        "method": "score_models em",
+        "steps": steps,
+        "calls": steps,
+        "weight_err": round(w_err, 4),
+        "std_err": round(s_err, 4),
+        "seconds": round(seconds, 2),
+    }
 
 
 def main() -> None:
@@ -83,8 +109,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--quick", action="store_true", help="fewest steps of each row only")
     parser.add_argument("--json", type=str, default=None)
+    parser.add_argument("--flow", action="store_true", help="the ODE samplers' flow-error table")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.flow:
+        flow_main(args)
+        return
     results: dict[str, list[dict]] = {}
     for name, sde_class in (("VP", VPSDE), ("VE", VESDE)):
         h = handler_for(sde_class)
@@ -94,14 +124,35 @@ def main() -> None:
             for steps in steps_list[:1] if args.quick else steps_list:
                 row = run_nnh(h, args.n, steps, method, grid, options)
                 rows.append(row)
-                print(f"  {method:3s} {grid:7s} {options.get('ode_method', ''):5s} | {steps:5d} "
-                      f"{row['calls']:5d} | {row['weight_err']:.4f} {row['std_err']:.4f} | {row['seconds']:.2f}")
+                print(
+                    f"  {method:3s} {grid:7s} {options.get('ode_method', ''):5s} | {steps:5d} "
+                    f"{row['calls']:5d} | {row['weight_err']:.4f} {row['std_err']:.4f} | {row['seconds']:.2f}"
+                )
         sm = run_score_models(h, args.n, 1000)
         if sm is None:
             print("  score_models not installed: no comparison (pip install score_models==0.5.11)")
         else:
             rows.append(sm)
             print(f"  score_models: {sm}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def flow_main(args: argparse.Namespace) -> None:
+    from flow_table import flow_table, load_k_diffusion_sampling
+
+    kd = load_k_diffusion_sampling()
+    if kd is None:
+        print("k-diffusion not installed: nnh rows only (pip install k-diffusion --no-deps)")
+    results = {}
+    for name, sde in (("VE", VESDE()), ("VP", VPSDE())):
+        print(f"\n{name}: sampler grid | calls | weight_err std_err flow_err")
+        rows = results[name] = flow_table(sde, args.n, kd, (10, 20) if args.quick else (10, 20, 40))
+        for r in rows:
+            print(
+                f"  {r['sampler']:26s} {r['grid']:7s} | {r['calls']:4d} | "
+                f"{r['weight_err']:.4f} {r['std_err']:.4f} {r['flow_err']:.4f}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

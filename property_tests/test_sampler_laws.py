@@ -20,7 +20,7 @@ from nnh.generative import (
     tweedie_denoise,
     uniform_grid,
 )
-from nnh.generative.time_grid import noise_level
+from nnh.generative.time_grid import lambda_floor, noise_level
 
 F64 = torch.float64
 seeds = st.integers(0, 2**31 - 1)
@@ -111,18 +111,33 @@ def test_edm_grid_is_equally_spaced_in_noise_level_to_the_one_over_rho(sde, step
     grid = edm_grid(sde, steps, sde.epsilon)
     assert len(grid) == steps + 1 and grid[0] == sde.T and grid[-1] == sde.epsilon
     assert all(a > b for a, b in itertools.pairwise(grid))
-    root = noise_level(sde, torch.tensor(grid, dtype=F64)) ** (1 / 7)
-    gaps = root[:-1] - root[1:]
-    torch.testing.assert_close(gaps, torch.full_like(gaps, gaps.mean().item()), rtol=1e-6, atol=1e-9)
+    # the schedule runs from lambda(T) to max(lambda(t_end), floor); the last time is t_end
+    top, low = float(noise_level(sde, sde.T)), float(noise_level(sde, sde.epsilon))
+    low = max(low, lambda_floor(top))
+    frac = torch.arange(steps + 1, dtype=F64) / steps
+    want = (top ** (1 / 7) + frac * (low ** (1 / 7) - top ** (1 / 7))) ** 7
+    got = noise_level(sde, torch.tensor(grid, dtype=F64))
+    torch.testing.assert_close(got[:-1] ** (1 / 7), want[:-1] ** (1 / 7), rtol=1e-6, atol=1e-9)
     uni = uniform_grid(sde, steps, sde.epsilon)
     assert uni[0] == sde.T and math.isclose(uni[-1], sde.epsilon)
 
 
-@given(any_sde, seeds, st.sampled_from(["Euler", "Heun", "RK4"]), st.sampled_from(["uniform", "edm"]))
+@given(
+    any_sde, seeds, st.sampled_from(["Euler", "Heun", "RK4"]), st.sampled_from(["uniform", "edm"])
+)
 def test_the_ode_sampler_is_a_function_of_the_prior_draw(sde, seed, method, grid):
     runs = [
-        sample_sde(sde, score, (3, 2), 4, method="ode", ode_method=method, time_grid=grid,
-                   generator=torch.Generator().manual_seed(seed), dtype=F64)
+        sample_sde(
+            sde,
+            score,
+            (3, 2),
+            4,
+            method="ode",
+            ode_method=method,
+            time_grid=grid,
+            generator=torch.Generator().manual_seed(seed),
+            dtype=F64,
+        )
         for _ in range(2)
     ]
     assert torch.equal(*runs)

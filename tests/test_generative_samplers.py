@@ -150,10 +150,10 @@ def test_nan_stops_every_method_with_a_warning_naming_the_step(method):
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [({"method": "ddim"}, ValueError, r"method='ddim': use one of \('em', 'pc', 'ode'\)"),
-     ({"method": "ode", "ode_method": "midpoint"}, ValueError, r"unknown ODE method 'midpoint'"),
+     ({"method": "ode", "ode_method": "midpoint"}, ValueError, r"ode_method='midpoint': use one of \('Euler', 'Heun', 'RK4', 'dpm\+\+2m'"),
      ({"method": "pc", "corrector_steps": -1}, ValueError, r"corrector_steps must be an int >= 0"),
-     ({"method": "pc", "snr": 0.0}, ValueError, r"snr must be a number > 0"),
-     ({"time_grid": "cosine"}, ValueError, r"time_grid='cosine': use one of \('uniform', 'edm'\)"),
+     ({"method": "pc", "snr": 0.0}, ValueError, r"snr must be a finite number > 0"),
+     ({"time_grid": "cosine"}, ValueError, r"time_grid='cosine': use one of \('uniform', 'edm', 'logsnr'\)"),
      ({"shape": ()}, ValueError, r"shape=\(\) has no batch dimension"),
      ({"shape": 5}, TypeError, r"shape must be a tuple"),
      ({"steps": 0}, ValueError, r"steps must be an integer >= 1")],

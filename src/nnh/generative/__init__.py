@@ -13,6 +13,11 @@ from nnh.generative.divergence import (
     value_and_divergence,
 )
 from nnh.generative.likelihood import log_likelihood_ode
+from nnh.generative.multistep import (
+    MULTISTEP_METHODS,
+    MultistepHistory,
+    dpm_solver_pp_step,
+)
 from nnh.generative.sampler_steps import (
     langevin_corrector_step,
     probability_flow_step,
@@ -29,9 +34,10 @@ from nnh.generative.steps import (
     ode_likelihood_step,
     probability_flow_drift,
 )
-from nnh.generative.time_grid import TIME_GRIDS, edm_grid, time_grid, uniform_grid
+from nnh.generative.time_grid import TIME_GRIDS, edm_grid, logsnr_grid, time_grid, uniform_grid
 
 __all__ = [
+    "MULTISTEP_METHODS",
     "ODE_METHODS",
     "PROBE_KINDS",
     "SAMPLE_METHODS",
@@ -39,8 +45,10 @@ __all__ = [
     "TIME_GRIDS",
     "VESDE",
     "VPSDE",
+    "MultistepHistory",
     "SubVPSDE",
     "denoising_score_matching_loss",
+    "dpm_solver_pp_step",
     "edm_grid",
     "em_sde_step",
     "evaluations_per_step",
@@ -49,6 +57,7 @@ __all__ = [
     "hutchinson_divergence",
     "langevin_corrector_step",
     "log_likelihood_ode",
+    "logsnr_grid",
     "ode_likelihood_step",
     "probability_flow_drift",
     "probability_flow_step",

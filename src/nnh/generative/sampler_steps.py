@@ -12,10 +12,12 @@ argument, so each function is deterministic and leaves its inputs untouched.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nnh.generative.sde import SDE, Time, as_time_tensor, expand_time
-from nnh.generative.steps import ScoreFn, _check_dt, check_ode_method, probability_flow_drift
+from nnh.generative.steps import ScoreFn, _check_dt, check_ode_method
 
 __all__ = ["langevin_corrector_step", "probability_flow_step", "tweedie_denoise"]
 
@@ -49,13 +51,42 @@ def langevin_corrector_step(
     return x_mean + torch.sqrt(2 * step) * noise, x_mean
 
 
+def _noise_scale(sde: SDE, t: Time, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mu(t), lambda(t) = sigma(t) / mu(t))`` shaped to broadcast against ``x``."""
+    tt = as_time_tensor(t, x)
+    mu = expand_time(sde.mu(tt), x)
+    return mu, expand_time(sde.sigma(tt), x) / mu
+
+
+def _invert_level(sde: SDE, level: torch.Tensor, lo: Time, hi: Time) -> torch.Tensor:
+    """The time in ``[lo, hi]`` where ``lambda = level`` (bisection; ``lambda`` increases in ``t``)."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float64).expand_as(level).clone()
+    hi_t = torch.as_tensor(hi, dtype=torch.float64).expand_as(level).clone()
+    for _ in range(60):
+        mid = 0.5 * (lo_t + hi_t)
+        above = sde.sigma(mid) / sde.mu(mid) > level
+        hi_t = torch.where(above, mid, hi_t)
+        lo_t = torch.where(above, lo_t, mid)
+    return 0.5 * (lo_t + hi_t)
+
+
+def _cpu(t: Time) -> Time:
+    return t.detach().double().cpu() if isinstance(t, torch.Tensor) else t
+
+
 def probability_flow_step(
     sde: SDE, score_fn: ScoreFn, t: Time, x: torch.Tensor, dt: float, method: str = "Heun"
 ) -> torch.Tensor:
-    """One step of the probability-flow ODE ``dx/dt = f - g^2 s / 2`` from ``t`` to ``t - dt`` (``dt > 0``).
+    """One step of the probability-flow ODE from ``t`` to ``t - dt`` (``dt > 0``), taken in the noise level.
 
-    ``method``: ``"Euler"`` (1 score call), ``"Heun"`` (2: Euler predictor, trapezoidal
-    corrector) or ``"RK4"`` (4). Deterministic: the same ``x`` gives the same result.
+    The step integrates the same ODE as ``dx/dt = f - g^2 s / 2`` but in the variables of
+    Karras et al. (2022): ``x_hat = x / mu(t)`` against ``lambda = sigma(t) / mu(t)``, where
+    it reads ``dx_hat / dlambda = -lambda mu s(t, x)`` and the trajectories are nearly
+    straight (for VE, ``x_hat = x`` and ``lambda = sigma``). Any SDE works through its
+    ``mu``/``sigma``. ``method``: ``"Euler"`` (1 score call), ``"Heun"`` (2: Euler predictor,
+    trapezoidal corrector; its result is the predictor's, as in EDM, where ``lambda(t - dt) = 0``)
+    or ``"RK4"`` (4; its midpoint is the time where ``lambda`` is halfway, found by
+    bisection). Deterministic: the same ``x`` gives the same result.
 
     Example:
         >>> from nnh.generative.sde import VPSDE
@@ -65,22 +96,34 @@ def probability_flow_step(
     """
     _check_dt(dt)
     method = check_ode_method(method)
-    t0 = t if isinstance(t, torch.Tensor) else float(t)
+    if not isinstance(t, torch.Tensor) and not math.isfinite(t):
+        raise ValueError(f"t must be a finite time, got {t!r}")
+    t0 = as_time_tensor(t, x) if isinstance(t, torch.Tensor) else float(t)
+    t1 = t0 - dt
+    mu0, lam0 = _noise_scale(sde, t0, x)
+    mu1, lam1 = _noise_scale(sde, t1, x)
 
-    def drift(tt: Time, y: torch.Tensor) -> torch.Tensor:
-        return probability_flow_drift(sde, score_fn, tt, y)
+    def slope(tt: Time, lam: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+        mu = _noise_scale(sde, tt, y_hat)[0]
+        return -lam * mu * score_fn(tt, mu * y_hat)
 
-    f1 = drift(t0, x)
+    x_hat = x / mu0
+    h = lam1 - lam0
+    d1 = slope(t0, lam0, x_hat)
     if method == "Euler":
-        return x - dt * f1
+        return mu1 * (x_hat + h * d1)
     if method == "Heun":
-        f2 = drift(t0 - dt, x - dt * f1)
-        return x - 0.5 * dt * (f1 + f2)
-    half = 0.5 * dt
-    f2 = drift(t0 - half, x - half * f1)
-    f3 = drift(t0 - half, x - half * f2)
-    f4 = drift(t0 - dt, x - dt * f3)
-    return x - (dt / 6.0) * (f1 + 2 * f2 + 2 * f3 + f4)
+        x_pred = x_hat + h * d1
+        heun = x_hat + 0.5 * h * (d1 + slope(t1, lam1, x_pred))
+        return mu1 * torch.where(lam1 == 0, x_pred, heun)  # no host sync; 2 calls always
+    lam_mid = 0.5 * (lam0 + lam1)
+    level = (lam_mid.reshape(-1) if lam_mid.ndim else lam_mid).double()
+    t_mid64 = _invert_level(sde, level.cpu(), _cpu(t1), _cpu(t0)).to(level.device)
+    t_mid = t_mid64.to(x.dtype) if isinstance(t, torch.Tensor) else float(t_mid64)
+    d2 = slope(t_mid, lam_mid, x_hat + 0.5 * h * d1)
+    d3 = slope(t_mid, lam_mid, x_hat + 0.5 * h * d2)
+    d4 = slope(t1, lam1, x_hat + h * d3)
+    return mu1 * (x_hat + (h / 6.0) * (d1 + 2 * d2 + 2 * d3 + d4))
 
 
 def tweedie_denoise(sde: SDE, score_fn: ScoreFn, t: Time, x: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,18 @@ plus one call for ``denoise=True``. ``"em"`` on the uniform grid is exactly
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 
 from nnh.generative.checks import check_sample_shape
+from nnh.generative.multistep import (
+    MULTISTEP_METHODS,
+    MultistepHistory,
+    dpm_solver_pp_step,
+    multistep_order,
+)
 from nnh.generative.sampler_steps import (
     langevin_corrector_step,
     probability_flow_step,
@@ -30,35 +37,82 @@ from nnh.generative.sampler_steps import (
 )
 from nnh.generative.sampling import Progress, check_steps, notify_progress, sample_reverse_sde
 from nnh.generative.sde import SDE
-from nnh.generative.steps import ScoreFn, check_ode_method, em_sde_step, evaluations_per_step
+from nnh.generative.steps import (
+    ODE_METHODS,
+    ScoreFn,
+    check_ode_method,
+    em_sde_step,
+    evaluations_per_step,
+)
 from nnh.generative.time_grid import check_time_grid
 from nnh.generative.time_grid import time_grid as make_time_grid
 
-__all__ = ["SAMPLE_METHODS", "check_sampler_options", "sample_sde", "score_calls"]
+__all__ = [
+    "SAMPLE_METHODS",
+    "canonical_ode_method",
+    "check_sampler_options",
+    "sample_sde",
+    "score_calls",
+]
 
 SAMPLE_METHODS = ("em", "pc", "ode")
 
 
-def check_sampler_options(
-    method: str, ode_method: str, corrector_steps: int, snr: float, grid: str
-) -> tuple[str, str]:
-    """Validate the sampler options; returns ``(method, canonical ode_method)``.
+def canonical_ode_method(ode_method: str) -> str:
+    """``"Euler"``/``"Heun"``/``"RK4"`` or ``"dpm++2m"``/``"dpm++3m"``, any case; else a named error.
 
     Example:
-        >>> check_sampler_options("ode", "heun", 1, 0.16, "edm")
+        >>> canonical_ode_method("DPM++2M"), canonical_ode_method("rk4")
+        ('dpm++2m', 'RK4')
+    """
+    if isinstance(ode_method, str) and ode_method.lower() in MULTISTEP_METHODS:
+        return ode_method.lower()
+    try:
+        return check_ode_method(ode_method)
+    except ValueError:
+        allowed = (*ODE_METHODS, *MULTISTEP_METHODS)
+        raise ValueError(
+            f"ode_method={ode_method!r}: use one of {allowed} (case-insensitive)"
+        ) from None
+
+
+def _check_number(name: str, value: object, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_sampler_options(
+    method: str,
+    ode_method: str,
+    corrector_steps: int,
+    snr: float,
+    grid: str,
+    denoise: bool = False,
+    guidance_factor: float = 1.0,
+) -> tuple[str, str]:
+    """Validate the sampler options; returns ``(method, canonical ode_method)`` (names case-insensitive).
+
+    Example:
+        >>> check_sampler_options("ODE", "heun", 1, 0.16, "EDM")
         ('ode', 'Heun')
     """
-    if method not in SAMPLE_METHODS:
-        raise ValueError(f"method={method!r}: use one of {SAMPLE_METHODS}")
-    ode_method = check_ode_method(ode_method)
+    if not (isinstance(method, str) and method.lower() in SAMPLE_METHODS):
+        raise ValueError(f"method={method!r}: use one of {SAMPLE_METHODS} (case-insensitive)")
+    method = method.lower()
+    ode_method = canonical_ode_method(ode_method)
+    if not isinstance(denoise, bool):
+        raise ValueError(f"denoise must be True or False, got {denoise!r}")
+    _check_number("guidance_factor", guidance_factor, positive=False)
     if (
         isinstance(corrector_steps, bool)
         or not isinstance(corrector_steps, int)
         or corrector_steps < 0
     ):
         raise ValueError(f"corrector_steps must be an int >= 0, got {corrector_steps!r}")
-    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not snr > 0:
-        raise ValueError(f"snr must be a number > 0, got {snr!r}")
+    _check_number("snr", snr, positive=True)
     check_time_grid(grid)
     return method, ode_method
 
@@ -79,9 +133,40 @@ def score_calls(
     per_step = {
         "em": 1,
         "pc": 1 + corrector_steps,
-        "ode": evaluations_per_step(ode_method) if method == "ode" else 0,
-    }[method]
+        "ode": _ode_calls(ode_method) if method == "ode" else 0,
+    }[method.lower()]
     return steps * per_step + int(bool(denoise))
+
+
+def _ode_calls(ode_method: str) -> int:
+    name = canonical_ode_method(ode_method)
+    return 1 if name in MULTISTEP_METHODS else evaluations_per_step(name)
+
+
+def _first_call_checked(score_fn: ScoreFn, shape: tuple[int, ...]) -> ScoreFn:
+    """``score_fn`` whose first call names ``shape`` when the model cannot take it or answers another shape."""
+    checked = []
+
+    def score(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if checked:
+            return score_fn(t, x)
+        try:
+            out = score_fn(t, x)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"shape={shape} does not fit the model: its first call on x of shape "
+                f"{tuple(x.shape)} failed ({exc}); pass (N, *the model's sample shape)"
+            ) from exc
+        if out.shape != x.shape:
+            raise ValueError(
+                f"shape={shape} does not fit the model: the score for x of shape "
+                f"{tuple(x.shape)} came back with shape {tuple(out.shape)}; pass "
+                f"(N, *the model's sample shape)"
+            )
+        checked.append(True)
+        return out
+
+    return score
 
 
 def _guided(score_fn: ScoreFn, guidance_fn: ScoreFn | None, factor: float) -> ScoreFn:
@@ -135,15 +220,18 @@ def sample_sde(
     """
     check_steps(steps)
     shape = check_sample_shape(shape)
-    method, ode_method = check_sampler_options(method, ode_method, corrector_steps, snr, time_grid)
+    method, ode_method = check_sampler_options(
+        method, ode_method, corrector_steps, snr, time_grid, denoise, guidance_factor
+    )
+    time_grid = check_time_grid(time_grid)
     t_end = sde.epsilon if t_end is None else float(t_end)
     if not (0.0 <= t_end < sde.T):
         raise ValueError(f"t_end must be in [0, T) = [0, {sde.T}), got {t_end}")
-    score = _guided(score_fn, guidance_fn, guidance_factor)
+    score = _first_call_checked(_guided(score_fn, guidance_fn, guidance_factor), shape)
     if method == "em" and time_grid == "uniform":
         x = sample_reverse_sde(
             sde,
-            score_fn,
+            _first_call_checked(score_fn, shape),
             shape,
             steps,
             generator=generator,
@@ -190,11 +278,18 @@ def _integrate(
     def noise() -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
 
+    history = MultistepHistory()
     for i in range(steps):
         t_i, dt = times[i], times[i] - times[i + 1]
         t = torch.full((shape[0],), t_i, dtype=x.dtype, device=x.device)
         last = i == steps - 1
-        if method == "ode":
+        if method == "ode" and ode_method in MULTISTEP_METHODS:
+            order = multistep_order(ode_method)
+            x_next, history = dpm_solver_pp_step(sde, score, t_i, times[i + 1], x, history, order)
+            history = MultistepHistory(
+                tuple(d.detach() for d in history.denoised), history.log_levels
+            )
+        elif method == "ode":
             x_next = probability_flow_step(sde, score, t, x, dt, ode_method)
         else:
             y = x

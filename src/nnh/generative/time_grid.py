@@ -5,6 +5,14 @@ equal steps in ``lambda^(1/rho)`` where ``lambda(t) = sigma(t) / mu(t)`` is the 
 the rescaled process ``x / mu(t)``: this is ``sigma`` itself for VE and the EDM noise level
 ``sqrt(exp(B(t)) - 1)`` for VP (sub-VP likewise), so the same schedule serves every SDE.
 The times come from inverting ``lambda`` by bisection (it increases with ``t``).
+``"logsnr"``: equal steps in ``log lambda`` (the log signal-to-noise ratio), the grid
+DPM-Solver's analysis is written on.
+
+The grid rule for small noise: the noise-level grids run down to
+``max(lambda(t_end), min(2e-3, 1e-3 lambda(T)))`` (2e-3 is EDM's ``sigma_min``) and the
+last time is always ``t_end``. Below the floor the denoised sample no longer moves, so on an
+SDE whose ``lambda(t_end)`` is tiny (sub-VP: ``lambda(1e-5) ~ 1e-6``) the steps are not spent
+there; the last step jumps from the floor to ``t_end``.
 """
 
 from __future__ import annotations
@@ -13,21 +21,40 @@ import torch
 
 from nnh.generative.sde import SDE
 
-__all__ = ["TIME_GRIDS", "check_time_grid", "edm_grid", "noise_level", "time_grid", "uniform_grid"]
+__all__ = [
+    "TIME_GRIDS",
+    "check_time_grid",
+    "edm_grid",
+    "logsnr_grid",
+    "noise_level",
+    "time_grid",
+    "uniform_grid",
+]
 
-TIME_GRIDS = ("uniform", "edm")
+TIME_GRIDS = ("uniform", "edm", "logsnr")
+LAMBDA_FLOOR = 2e-3
 
 
 def check_time_grid(name: str) -> str:
-    """``name`` when it is a known grid, else a ``ValueError`` naming ``time_grid``.
+    """``name`` in lower case when it is a known grid (any case), else a ``ValueError`` naming ``time_grid``.
 
     Example:
-        >>> check_time_grid("edm")
+        >>> check_time_grid("EDM")
         'edm'
     """
-    if name not in TIME_GRIDS:
-        raise ValueError(f"time_grid={name!r}: use one of {TIME_GRIDS}")
-    return name
+    if not (isinstance(name, str) and name.lower() in TIME_GRIDS):
+        raise ValueError(f"time_grid={name!r}: use one of {TIME_GRIDS} (case-insensitive)")
+    return name.lower()
+
+
+def _check_grid_args(sde: SDE, steps: int, t_end: float) -> float:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
+        raise ValueError(f"t_end must be a number in [0, T) = [0, {sde.T}), got {t_end!r}")
+    if not (0.0 <= t_end < sde.T):
+        raise ValueError(f"t_end must be a finite time in [0, T) = [0, {sde.T}), got {t_end!r}")
+    return float(t_end)
 
 
 def noise_level(sde: SDE, t: torch.Tensor | float) -> torch.Tensor:
@@ -50,6 +77,7 @@ def uniform_grid(sde: SDE, steps: int, t_end: float) -> list[float]:
         >>> uniform_grid(VPSDE(), 4, 0.0)
         [1.0, 0.75, 0.5, 0.25, 0.0]
     """
+    t_end = _check_grid_args(sde, steps, t_end)
     dt = (sde.T - t_end) / steps
     return [sde.T - i * dt for i in range(steps)] + [float(t_end)]
 
@@ -76,26 +104,66 @@ def edm_grid(sde: SDE, steps: int, t_end: float, rho: float = 7.0) -> list[float
         >>> grid[0], grid[-1], all(a > b for a, b in zip(grid, grid[1:]))
         (1.0, 1e-05, True)
     """
+    hi, lo = _level_range(sde, steps, t_end)
+    frac = torch.arange(steps + 1, dtype=torch.float64) / steps
+    levels = (hi ** (1 / rho) + frac * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return _times_of(sde, levels, t_end)
+
+
+def _level_range(sde: SDE, steps: int, t_end: float) -> tuple[torch.Tensor, torch.Tensor]:
+    t_end = _check_grid_args(sde, steps, t_end)
     hi, lo = noise_level(sde, sde.T), noise_level(sde, t_end)
     if not (float(lo) > 0):
         raise ValueError(
-            f"the edm grid needs sigma(t_end) > 0; t_end={t_end} gives 0 for {type(sde).__name__}"
+            f"the noise-level grids need sigma(t_end) > 0; t_end={t_end} gives 0 for "
+            f"{type(sde).__name__}: use t_end > 0 (e.g. sde.epsilon) or time_grid='uniform'"
         )
-    frac = torch.arange(steps + 1, dtype=torch.float64) / steps
-    levels = (hi ** (1 / rho) + frac * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return hi, torch.clamp(lo, min=lambda_floor(float(hi)))
+
+
+def lambda_floor(top: float) -> float:
+    """The lowest noise level the noise-level grids step to: ``min(2e-3, 1e-3 lambda(T))``.
+
+    Example:
+        >>> lambda_floor(50.0), lambda_floor(1.0)
+        (0.002, 0.001)
+    """
+    return min(LAMBDA_FLOOR, 1e-3 * top)
+
+
+def _times_of(sde: SDE, levels: torch.Tensor, t_end: float) -> list[float]:
     times = _invert_noise_level(sde, levels, t_end).tolist()
     times[0], times[-1] = float(sde.T), float(t_end)
+    for i in range(len(times) - 2, 0, -1):  # strictly decreasing even where lambda is flat
+        times[i] = max(times[i], times[i + 1] + 1e-12 * sde.T)
     return times
 
 
+def logsnr_grid(sde: SDE, steps: int, t_end: float) -> list[float]:
+    """``steps + 1`` times with ``log lambda`` equally spaced from ``lambda(T)`` to ``max(lambda(t_end), 2e-3)``.
+
+    Example:
+        >>> from nnh.generative.sde import VESDE
+        >>> grid = logsnr_grid(VESDE(), 4, 1e-5)
+        >>> grid[0], grid[-1], all(a > b for a, b in zip(grid, grid[1:]))
+        (1.0, 1e-05, True)
+    """
+    hi, lo = _level_range(sde, steps, t_end)
+    frac = torch.arange(steps + 1, dtype=torch.float64) / steps
+    return _times_of(sde, torch.exp(hi.log() + frac * (lo.log() - hi.log())), t_end)
+
+
 def time_grid(sde: SDE, steps: int, t_end: float, name: str = "uniform") -> list[float]:
-    """The ``steps + 1`` times of grid ``name`` (``"uniform"`` or ``"edm"``), from ``T`` down to ``t_end``.
+    """The ``steps + 1`` times of grid ``name`` (``"uniform"``, ``"edm"``, ``"logsnr"``), from ``T`` to ``t_end``.
 
     Example:
         >>> from nnh.generative.sde import VPSDE
         >>> len(time_grid(VPSDE(), 10, 1e-3, "edm"))
         11
     """
-    if check_time_grid(name) == "uniform":
+    name = check_time_grid(name)
+    if name == "uniform":
         return uniform_grid(sde, steps, t_end)
+    if name == "logsnr":
+        return logsnr_grid(sde, steps, t_end)
     return edm_grid(sde, steps, t_end)

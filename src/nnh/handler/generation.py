@@ -134,6 +134,17 @@ class _EvalSession:
 
 
 # ---------------------------------------------------------------- sampling
+def _check_condition_batch(condition: Any, n: int) -> None:
+    """A batched condition (a tensor of 2 or more dims) must have ``shape[0]`` rows or 1."""
+    items = [condition] if isinstance(condition, torch.Tensor) else list(condition or [])
+    for i, c in enumerate(items):
+        if isinstance(c, torch.Tensor) and c.ndim >= 2 and c.shape[0] not in (1, n):
+            raise ValueError(
+                f"condition[{i}] has batch {c.shape[0]} (shape {tuple(c.shape)}) but shape[0]={n}: "
+                f"give one row per sample ({n}) or a single row (1) that every sample shares"
+            )
+
+
 def _rank_condition(condition: Any, device: torch.device, n: int, start: int, count: int) -> list:
     if isinstance(condition, torch.Tensor):
         condition = [condition]
@@ -168,7 +179,10 @@ def handler_sample(
     sde = handler._require_sde("sample")
     check_steps(steps)
     shape = check_sample_shape(shape)
-    check_sampler_options(method, ode_method, corrector_steps, snr, time_grid)
+    method, ode_method = check_sampler_options(
+        method, ode_method, corrector_steps, snr, time_grid, denoise, guidance_factor
+    )
+    _check_condition_batch(condition, shape[0])
     dist = handler._dist
     split = dist.enabled and not _RANK_LOCAL.get()
     n = shape[0]

@@ -1031,8 +1031,9 @@ class NNHandler:
         (default): Euler-Maruyama, one model call per step, the last step noise-free.
         ``"pc"``: ``corrector_steps`` Langevin steps (``snr``) before each EM step.
         ``"ode"``: the probability-flow ODE with ``ode_method`` (``"Euler"``, ``"Heun"``,
-        ``"RK4"``). ``time_grid``: ``"uniform"`` or ``"edm"``; ``denoise``: a final Tweedie
-        step. Noise comes from the global generator (seed it with ``handler.seed``). Under
+        ``"RK4"``, or the one-call-per-step ``"dpm++2m"``/``"dpm++3m"``). ``time_grid``:
+        ``"uniform"``, ``"edm"`` or ``"logsnr"``; names are case-insensitive; ``denoise``
+        (a bool): a final Tweedie step. Noise comes from the global generator (seed it with ``handler.seed``). Under
         DDP every rank must call it: the ``shape[0]`` samples are split across ranks and
         rank 0 returns all of them, the others ``None``. See :mod:`nnh.handler.generation`.
 
