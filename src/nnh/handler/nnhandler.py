@@ -27,6 +27,7 @@ from nnh.core import (
 )
 from nnh.core.ensemble import check_vectorisable
 from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
+from nnh.distributed.fsdp import FSDPOptions, check_strategy
 from nnh.handler import inference
 from nnh.handler import validation as check
 from nnh.handler.autosaver import AutoSaver
@@ -86,9 +87,13 @@ class NNHandler:
         dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
         ensemble_size: int | None = None,
         seed: int | None = None,
+        strategy: str = "ddp",
+        fsdp: dict[str, Any] | None = None,
         **model_kwargs: Any,
     ):
         check_model_kwargs(model_class, model_kwargs)
+        self._strategy = check_strategy(strategy, fsdp)
+        self._fsdp = FSDPOptions.from_dict(fsdp) if strategy == "fsdp" else None
         size = check_ensemble_size(ensemble_size)
         self._ensemble = None if size is None else Ensemble(size)
         self._dist, self._device = setup_distributed(
