@@ -62,7 +62,7 @@ def accuracy(out, y):
 def build(strategy: str | None, batch: int, fsdp: dict | None = None) -> NNHandler:
     kwargs = {} if strategy is None else {"strategy": strategy, "fsdp": fsdp}
     h = NNHandler(Net, seed=0, use_distributed=strategy is not None, **kwargs)
-    h.set_optimizer(torch.optim.Adam, lr=0.01)
+    h.set_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9)  # SGD: clipping shows (Adam rescales)
     h.set_loss_fn(nn.functional.cross_entropy)
     h.set_train_loader(data(N_TRAIN, 0), batch_size=batch, shuffle=False)
     h.set_val_loader(data(N_VAL, 1), batch_size=batch)
