@@ -93,6 +93,7 @@ def main() -> None:
     results = {}
     for name, config in CONFIGS.items():
         results[name] = run("fsdp", BATCH, config, {"wrap_classes": [Block]})
+    results["bf16"] = run("fsdp", BATCH, {}, {"wrap_classes": [Block], "param_dtype": "bf16"})
     results["auto_wrap"] = run("fsdp", BATCH, {}, {"min_params": 500})
     h = build("fsdp", BATCH, {"wrap_classes": [Block]})
     results["is_sharded"] = type(h.module).__name__.startswith("FSDP")

@@ -81,6 +81,15 @@ def test_auto_wrap_by_size_matches(fsdp_run):
     close(fsdp_run["auto_wrap"]["params"], reference({})["params"])
 
 
+def test_bf16_mixed_precision_is_close(fsdp_run):
+    """bf16 compute (8 mantissa bits) over 24 SGD steps: within 5e-2 of fp32 one process."""
+    ref, got = reference({}), fsdp_run["bf16"]
+    for k in ref["params"]:
+        assert got["params"][k].dtype == torch.float32  # sharded master weights stay fp32
+        torch.testing.assert_close(got["params"][k], ref["params"][k], atol=5e-2, rtol=5e-2)
+    assert not torch.equal(got["params"]["out.weight"], ref["params"]["out.weight"])  # bf16 ran
+
+
 def test_module_is_sharded_and_ranks_agree(fsdp_run):
     assert fsdp_run["is_sharded"]
     full = sum(p.numel() for p in fsdp_script.Net().parameters())
@@ -98,6 +107,8 @@ def test_bad_options_are_named_before_work():
         NNHandler(fsdp_script.Net, fsdp={"min_params": 3})
     with pytest.raises(ValueError, match="activation_checkpointing needs wrap_classes"):
         NNHandler(fsdp_script.Net, strategy="fsdp", fsdp={"activation_checkpointing": True})
+    with pytest.raises(ValueError, match="ensemble_size=2 cannot be used with strategy='fsdp'"):
+        NNHandler(fsdp_script.Net, strategy="fsdp", ensemble_size=2)
 
 
 def test_single_process_fsdp_is_unchanged():

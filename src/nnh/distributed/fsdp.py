@@ -108,13 +108,18 @@ class FSDPOptions:
         )
 
 
-def check_strategy(strategy: str, fsdp: Any) -> str:
+def check_strategy(strategy: str, fsdp: Any, ensemble_size: int | None = None) -> str:
     """The validated strategy name.
 
     Example:
         >>> check_strategy("fsdp", None)
         'fsdp'
     """
+    if strategy == "fsdp" and ensemble_size is not None:
+        raise ValueError(
+            f"ensemble_size={ensemble_size!r} cannot be used with strategy='fsdp' (ensemble members "
+            "are stacked into one tensor per parameter); use strategy='ddp' for ensembles"
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if fsdp is not None and strategy != "fsdp":

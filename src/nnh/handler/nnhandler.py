@@ -92,7 +92,7 @@ class NNHandler:
         **model_kwargs: Any,
     ):
         check_model_kwargs(model_class, model_kwargs)
-        self._strategy = check_strategy(strategy, fsdp)
+        self._strategy = check_strategy(strategy, fsdp, ensemble_size)
         self._fsdp = FSDPOptions.from_dict(fsdp) if strategy == "fsdp" else None
         size = check_ensemble_size(ensemble_size)
         self._ensemble = None if size is None else Ensemble(size)
