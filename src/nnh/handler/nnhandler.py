@@ -58,6 +58,8 @@ class NNHandler:
     """A model's whole life: build, train, evaluate, predict, save, load, sample.
 
     ``dist_timeout``: seconds a DDP collective waits for the other ranks (default 1800).
+    ``strategy``: ``"ddp"`` (default) or ``"fsdp"`` (FSDP2 sharding when distributed, options
+    in ``fsdp=dict(...)``: :class:`nnh.distributed.fsdp.FSDPOptions`, docs/distributed.md).
 
     Example:
         >>> import torch
