@@ -154,6 +154,8 @@ class TrainConfig:
     def clip_grads_(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Scale ``grads`` in place to global norm ``<= clip_norm``; returns the norm."""
         grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 shards: the norm across all shards
+            grad_norm = grad_norm.full_tensor()
         coef = torch.clamp(self.clip_norm / (grad_norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].device))
         return grad_norm
@@ -262,6 +264,15 @@ def _check_loss(loss: Any, members: int | None = None) -> torch.Tensor:
     return loss
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model: Any) -> Any:
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def train_step(
     state: TrainState,
     batch: Any,
@@ -298,6 +309,8 @@ def train_step(
     sync: contextlib.AbstractContextManager = contextlib.nullcontext()
     if not update and hasattr(config.model, "no_sync"):
         sync = config.model.no_sync()
+    elif not update and hasattr(config.model, "set_requires_gradient_sync"):
+        sync = _fsdp_no_sync(config.model)  # FSDP2: reduce-scatter only on the update
     scope = _RngScope(state.rng) if state.rng is not None else _NO_RNG
     with scope, sync:
         with config.autocast():

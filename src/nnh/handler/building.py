@@ -7,6 +7,7 @@ Shell internals of :class:`~nnh.handler.NNHandler`; not public API.
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from nnh.checkpoint.shapes import check_meta_model
+from nnh.distributed.fsdp import materialize_sharded, shard_module
 
 if TYPE_CHECKING:
     from nnh.handler.nnhandler import NNHandler
@@ -57,7 +59,22 @@ def build_module(
         if module is not None and check_meta_model(module, *supplied):
             module._nnh_meta_init = True  # type: ignore[attr-defined]
             return module  # every tensor comes from the checkpoint: no init needed
+    if h._fsdp is not None and h._dist.enabled:
+        return build_sharded(h, model_class, model_kwargs)
     return construct(h, model_class, model_kwargs).to(h._device)
+
+
+def build_sharded(
+    h: NNHandler, model_class: type[nn.Module], model_kwargs: dict[str, Any]
+) -> nn.Module:
+    """The model built on the meta device, sharded with FSDP2 and materialised shard by shard."""
+    with torch.device("meta"):
+        module = construct(h, model_class, model_kwargs)
+    template = copy.deepcopy(module)
+    shard_module(module, h._fsdp)
+    materialize_sharded(module, h._device, template)
+    module._nnh_fsdp = True  # type: ignore[attr-defined]
+    return module
 
 
 def construct(
@@ -69,8 +86,8 @@ def construct(
 
 
 def wrap_module(h: NNHandler, module: nn.Module) -> nn.Module:
-    if not h._dist.enabled:
-        return module
+    if not h._dist.enabled or getattr(module, "_nnh_fsdp", False):
+        return module  # FSDP2 shards in place: the module is what is called
     if not any(p.requires_grad for p in module.parameters()):
         return module
     device_ids = [h._device.index] if h._device.type == "cuda" else None

@@ -61,15 +61,19 @@ def ema_weights(h: NNHandler, apply_ema: bool) -> Iterator[bool]:
         yield False
         return
     names = list(state.params.keys())
-    live = [state.params[n] for n in names]
+    live = [_local(state.params[n]) for n in names]  # FSDP2: each rank swaps its own shard
     backup = [p.detach().clone() for p in live]
     with torch.no_grad():
-        torch._foreach_copy_(live, [state.ema[n] for n in names])
+        torch._foreach_copy_(live, [_local(state.ema[n]) for n in names])
     try:
         yield True
     finally:
         with torch.no_grad():
             torch._foreach_copy_(live, backup)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def forward_batch(h: NNHandler, batch: Any) -> Any:

@@ -27,6 +27,7 @@ from nnh.core import (
 )
 from nnh.core.ensemble import check_vectorisable
 from nnh.distributed import DEFAULT_DIST_TIMEOUT_S, setup_distributed
+from nnh.distributed.fsdp import FSDPOptions, check_strategy
 from nnh.handler import inference
 from nnh.handler import validation as check
 from nnh.handler.autosaver import AutoSaver
@@ -57,6 +58,8 @@ class NNHandler:
     """A model's whole life: build, train, evaluate, predict, save, load, sample.
 
     ``dist_timeout``: seconds a DDP collective waits for the other ranks (default 1800).
+    ``strategy``: ``"ddp"`` (default) or ``"fsdp"`` (FSDP2 sharding when distributed, options
+    in ``fsdp=dict(...)``: :class:`nnh.distributed.fsdp.FSDPOptions`, docs/distributed.md).
 
     Example:
         >>> import torch
@@ -86,9 +89,13 @@ class NNHandler:
         dist_timeout: float = DEFAULT_DIST_TIMEOUT_S,
         ensemble_size: int | None = None,
         seed: int | None = None,
+        strategy: str = "ddp",
+        fsdp: dict[str, Any] | None = None,
         **model_kwargs: Any,
     ):
         check_model_kwargs(model_class, model_kwargs)
+        self._strategy = check_strategy(strategy, fsdp, ensemble_size)
+        self._fsdp = FSDPOptions.from_dict(fsdp) if strategy == "fsdp" else None
         size = check_ensemble_size(ensemble_size)
         self._ensemble = None if size is None else Ensemble(size)
         self._dist, self._device = setup_distributed(
