@@ -15,3 +15,18 @@ def test_uncommitted_folder_leaves_previous_in_place(tmp_path):
     commit_folder(second, final)
     assert (final / "shard0").read_bytes() == b"new-partial"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_corrupt_shard_is_named(tmp_path):
+    import pytest
+
+    from nnh.checkpoint.errors import CheckpointError
+    from nnh.checkpoint.sharded_files import folder_checksums, verify_folder
+
+    (tmp_path / "__0_0.distcp").write_bytes(b"aaaa")
+    (tmp_path / "__1_0.distcp").write_bytes(b"bbbb")
+    sums = folder_checksums(tmp_path)
+    verify_folder(tmp_path, sums)
+    (tmp_path / "__1_0.distcp").write_bytes(b"bbbc")
+    with pytest.raises(CheckpointError, match=r"__1_0\.distcp"):
+        verify_folder(tmp_path, sums)
