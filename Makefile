@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench venv fuzz
+.PHONY: demo test lint bench venv fuzz soak
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b; done
+
+# The repeated-launch soak: 20 launches per DDP exit mode (the default run does 4)
+soak: $(VENV)/.installed
+	NNH_SOAK=1 $(VPY) -m pytest -q -p no:cacheprovider tests/test_ddp_exit.py
 
 # The checkpoint fuzzer, long: NNH_FUZZ_EXAMPLES=20000 make fuzz (random, not the CI sequence)
 fuzz: $(VENV)/.installed

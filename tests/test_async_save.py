@@ -199,7 +199,7 @@ def test_under_ddp_rank_0_writes_and_the_other_ranks_never_wait(tmp_path):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert (tmp_path / "rank1.json").exists()
     # rank 0's train() returned only once its writes were on disk; rank 1 had finished
     # train() before rank 0's last write went to disk (it never waited for the writes)
     assert "e2.pth" in rank0["written"]

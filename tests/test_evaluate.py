@@ -108,5 +108,5 @@ def test_evaluate_named_errors():
     with pytest.raises(TypeError, match="apply_ema"):
         h.evaluate(data(4, 0), apply_ema="yes")
     empty = TensorDataset(torch.zeros(0, 3), torch.zeros(0, 1))
-    with pytest.raises(ValueError, match="no batches|no sample"):
+    with pytest.raises(ValueError, match=r"no batches|no sample"):
         h.evaluate(DataLoader(empty, batch_size=2))

@@ -197,10 +197,10 @@ def test_heun_ending_at_zero_noise_keeps_two_calls_and_stays_finite():
     # VP on the uniform grid down to t_end = 0 (lambda = 0): the last corrector is dropped
     # without a host sync, the call count stays 2 per step and the result finite
     sde, calls = VPSDE(), []
-    score = lambda t, x: (
-        calls.append(1),
-        -x / (sde.mu(t) ** 2 * 0.25 + sde.sigma(t) ** 2).reshape(-1, 1),
-    )[1]  # noqa: E731
+    def score(t, x):
+        calls.append(1)
+        return -x / (sde.mu(t) ** 2 * 0.25 + sde.sigma(t) ** 2).reshape(-1, 1)
+
     x = sample_sde(
         sde, score, (6, 2), 5, method="ode", t_end=0.0, generator=torch.Generator().manual_seed(0)
     )
