@@ -268,5 +268,7 @@ def test_a_file_that_is_not_yours_cannot_bring_a_tracker(tmp_path):
     with pytest.warns(UserWarning):
         loaded = NNHandler.load(str(foreign))
     assert not any(isinstance(cb, MLflowLogger) for cb in loaded.callbacks)
+    vouched = NNHandler.load(str(foreign), trusted=[MLflowLogger])  # you vouch for the file
+    assert any(isinstance(cb, MLflowLogger) for cb in vouched.callbacks)
     mine = NNHandler.load(str(own))
     assert any(isinstance(cb, MLflowLogger) for cb in mine.callbacks)
