@@ -10,3 +10,16 @@ import os
 import tempfile
 
 os.environ["NNH_KEY_FILE"] = os.path.join(tempfile.mkdtemp(prefix="nnh-test-key-"), "signing.key")
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _each_test_sees_nnh_warnings_afresh():
+    """nnh shows each warning once per process (``nnh.warn``); every test starts afresh, as a
+    new user's process would."""
+    from nnh.warn import reset
+
+    reset()
+    yield

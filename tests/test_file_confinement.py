@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+import nnh.warn
 from nnh.callbacks import CSVLogger, EarlyStopping, ModelCheckpoint, TensorBoardLogger
 from nnh.callbacks.csv_logger import header_cell, read_header
 from nnh.checkpoint import CheckpointError
@@ -347,6 +348,7 @@ def test_a_restored_csv_logger_leaves_a_file_that_is_not_its_own(work):
     data = work / "data.csv"
     data.write_text("id,value\n1,2\n")
     for started in (False, True):
+        nnh.warn.reset()  # nnh shows a warning once per process; each round is a fresh start
         logger = CSVLogger("data.csv")
         logger.load_state_dict({"columns": None, "started": started})
         with pytest.warns(UserWarning, match=r"'data.csv' does not start with an 'epoch' column"):

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import stat
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 
 from nnh.callbacks.base import Callback
 from nnh.checkpoint.atomic import claim_temp_file
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["CSVLogger", "header_cell", "header_name", "read_header"]
 
@@ -231,12 +231,11 @@ class CSVLogger(Callback):
             problem = self._own_file_problem()
             if problem is not None:
                 self._disabled = True
-                warnings.warn(
+                nnh_warn(
                     f"CSVLogger restored from a checkpoint: the file {self.filename!r} {problem}; "
                     "it is not this logger's own, so nothing is written to it. What to do: add "
                     "a CSVLogger yourself (handler.add_callback(CSVLogger(path))) with a new "
                     "path, or with append=True to continue that file.",
-                    stacklevel=2,
                 )
                 return
             self._from_checkpoint = False  # its own file from now on

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 
 from nnh.callbacks.base import Callback
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["EarlyStopping"]
 
@@ -168,11 +168,10 @@ class EarlyStopping(Callback):
         if self._warned:
             return
         self._warned = True
-        warnings.warn(
+        nnh_warn(
             f"EarlyStopping: monitored key {self.monitor!r} {when} (logged keys: {sorted(logs)}); "
             "those epochs are skipped. Pass monitor= one of the logged keys, or set a validation "
             "loader for a 'val_' key.",
-            stacklevel=3,
         )
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:

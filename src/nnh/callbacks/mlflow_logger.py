@@ -7,11 +7,11 @@ import importlib
 import os
 import re
 import time
-import warnings
 from typing import Any
 
 from nnh.callbacks.base import Callback
 from nnh.callbacks.tracking import checkpoint_path, finite, numeric_logs, require, run_config
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["MLflowLogger"]
 
@@ -93,10 +93,9 @@ class MLflowLogger(Callback):
                 self._client.update_run(self.run_id, status="RUNNING")
                 return
             except Exception as err:  # the store does not know the run (moved, deleted)
-                warnings.warn(
+                nnh_warn(
                     f"MLflowLogger: run {self.run_id} cannot be continued in "
                     f"{self._client.tracking_uri!r} ({type(err).__name__}); starting a new run",
-                    stacklevel=2,
                 )
         experiment = self._client.get_experiment_by_name(self.experiment_name)
         experiment_id = (

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
 from nnh.callbacks.base import Callback
 from nnh.checkpoint.ownership import remove_owned
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["ModelCheckpoint"]
 
@@ -98,10 +98,9 @@ class ModelCheckpoint(Callback):
             value = logs.get(self.monitor)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 if not self._warned and self.monitor not in logs:
-                    warnings.warn(
+                    nnh_warn(
                         f"ModelCheckpoint: monitored key {self.monitor!r} is not logged "
                         f"(available: {sorted(logs)}); nothing saved for it",
-                        stacklevel=2,
                     )
                     self._warned = True
             elif self._improved(float(value)):

@@ -10,7 +10,6 @@ in the form the target model expects.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from nnh.checkpoint.errors import CheckpointError
+from nnh.warn import warn as nnh_warn
 
 __all__ = [
     "KeyMismatchWarning",
@@ -231,11 +231,10 @@ def _warn_partial(
     ) + _listing(
         "unexpected keys (in the checkpoint, not in the model; ignored)", report.unexpected
     )
-    warnings.warn(
+    nnh_warn(
         f"{where} do not cover the model {type(model).__name__} exactly (strict_load=False):"
         f"{body}\nPass strict_load=True to make this an error.",
         KeyMismatchWarning,
-        stacklevel=3,
     )
 
 

@@ -42,10 +42,11 @@ import os
 import secrets
 import stat
 import threading
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["KEY_ENV", "is_own", "key_path", "mac_for", "sign_record", "user_key"]
 
@@ -73,7 +74,7 @@ def key_path() -> Path:
 def _warn_once(path: Path, message: str) -> None:
     if str(path) not in _warned:
         _warned.add(str(path))
-        warnings.warn(message, stacklevel=4)
+        nnh_warn(message)
 
 
 def _read_key(path: Path) -> bytes | None:

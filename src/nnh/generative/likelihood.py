@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 
@@ -12,6 +11,7 @@ from nnh.generative.divergence import ProbeSource
 from nnh.generative.sampling import Progress, check_steps, notify_progress
 from nnh.generative.sde import SDE
 from nnh.generative.steps import ScoreFn, check_ode_method, ode_likelihood_step
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["log_likelihood_ode"]
 
@@ -96,11 +96,10 @@ def log_likelihood_ode(
                 if step >= 0
                 else "in the prior log-density at t1"
             )
-            warnings.warn(
+            nnh_warn(
                 f"log_likelihood_ode: non-finite values (NaN/inf) {where}; {n_bad} of {batch} "
                 f"log-likelihoods are not finite. Check the model's output near those times, "
                 f"t0 (sigma(t0) must not be ~0) and the data scale",
                 RuntimeWarning,
-                stacklevel=2,
             )
     return out

@@ -19,7 +19,6 @@ plus one call for ``denoise=True``. ``"em"`` on the uniform grid is exactly
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -46,6 +45,7 @@ from nnh.generative.steps import (
 )
 from nnh.generative.time_grid import check_time_grid
 from nnh.generative.time_grid import time_grid as make_time_grid
+from nnh.warn import warn as nnh_warn
 
 __all__ = [
     "SAMPLE_METHODS",
@@ -300,12 +300,11 @@ def _integrate(
             x_next = y_mean if last else y_next
         x_next = x_next.detach()
         if stop_on_nan and not bool(torch.isfinite(x_next).all()):
-            warnings.warn(
+            nnh_warn(
                 f"sample_sde ({method}): non-finite values (NaN/inf) after step {i + 1}/{steps} "
                 f"(t={t_i:.6g} -> {times[i + 1]:.6g}); returning the last finite state, the "
                 f"noisy samples at t={t_i:.6g}",
                 RuntimeWarning,
-                stacklevel=3,
             )
             return x
         x = x_next

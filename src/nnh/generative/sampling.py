@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from nnh.generative.checks import check_sample_shape
 from nnh.generative.sde import SDE
 from nnh.generative.steps import ScoreFn, em_sde_step
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["Progress", "check_steps", "notify_progress", "sample_reverse_sde"]
 
@@ -116,12 +116,11 @@ def sample_reverse_sde(
         )
         x_next = (x_mean if last else x_next).detach()
         if stop_on_nan and not bool(torch.isfinite(x_next).all()):
-            warnings.warn(
+            nnh_warn(
                 f"sample_reverse_sde: non-finite values (NaN/inf) after step {i + 1}/{steps} "
                 f"(t={t_i:.6g} -> {t_i - dt:.6g}); returning the last finite state, the noisy "
                 f"samples at t={t_i:.6g}",
                 RuntimeWarning,
-                stacklevel=2,
             )
             return x
         x = x_next

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +69,7 @@ from nnh.core.tree import flat_td
 from nnh.handler.building import wrap_module
 from nnh.handler.logs import logging_options
 from nnh.handler.persistence import restore_rng
+from nnh.warn import warn as nnh_warn
 
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
@@ -396,7 +396,7 @@ def _section(path: str, name: str) -> Iterator[None]:
 
 
 def _report(h: NNHandler, message: str) -> None:
-    warnings.warn(message, stacklevel=4)
+    nnh_warn(message)
     h._log(message, logging.WARNING)
 
 

@@ -7,11 +7,11 @@ import logging
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 from nnh.handler.enums import LoggingMode
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["EscapingFormatter", "escape_controls", "logging_options", "make_logger"]
 
@@ -133,7 +133,7 @@ def logging_options(
     from nnh.checkpoint.confine import path_problem, safe_repr, working_folders
 
     def warn(message: str) -> None:
-        warnings.warn(f"checkpoint {safe_repr(source)}: {message}", stacklevel=3)
+        nnh_warn(f"checkpoint {safe_repr(source)}: {message}")
 
     fix = "set handler.logger, or build the handler with logger_mode=/logger_filename="
     if record is None:

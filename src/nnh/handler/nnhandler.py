@@ -50,6 +50,7 @@ from nnh.handler.saving import (
 from nnh.handler.seeding import check_seed, model_kwargs_with_seed, seed_everything
 from nnh.handler.train_options import remembers_train_options
 from nnh.handler.train_setup import train_mode
+from nnh.warn import warn as nnh_warn
 
 __all__ = ["NNHandler"]
 
@@ -164,10 +165,9 @@ class NNHandler:
             self._logger.log(level, message)
 
     def _warn(self, message: str) -> None:
-        import warnings
 
         if self._dist.is_main:
-            warnings.warn(message, stacklevel=3)
+            nnh_warn(message)
         self._log(message, logging.WARNING)
 
     # ------------------------------------------------------------------ properties

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import random
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -47,6 +46,7 @@ from nnh.checkpoint import (
 )
 from nnh.checkpoint.callables import NotRecordable, callable_record, is_plain
 from nnh.core import TrainState
+from nnh.warn import warn as nnh_warn
 
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
@@ -79,7 +79,7 @@ def _path_or_none(obj: Any, what: str, warn: bool = True, h: NNHandler | None = 
         if h is not None:
             _warn_once(h, obj, message)
         else:
-            warnings.warn(message, stacklevel=5)
+            nnh_warn(message)
 
     ok, reason = is_importable(obj)
     if ok:
@@ -88,9 +88,9 @@ def _path_or_none(obj: Any, what: str, warn: bool = True, h: NNHandler | None = 
     if getattr(obj, "__module__", None) == "__main__" and "<" not in qualname:
         if warn:
             say(
-                f"{what} is defined in the script being run (__main__.{qualname}): the checkpoint "
-                "loads from that same script only; move it into an importable module to load it "
-                "anywhere"
+                f"{what} is defined in the script being run (__main__.{qualname}), so the "
+                "checkpoint loads only from this script. What to do: move it into a module you "
+                "import (e.g. models.py)."
             )
         return f"__main__.{qualname}"
     if warn:
@@ -114,9 +114,10 @@ def _callable_or_none(h: NNHandler, fn: Any, what: str) -> dict[str, Any] | None
         _warn_once(
             h,
             fn,
-            f"{what} is defined in the script being run ({record.get('function') or record.get('class')}): "
-            "the checkpoint restores it only when loaded from that same script; move it into an "
-            "importable module to load it anywhere",
+            f"{what} is defined in the script being run "
+            f"({record.get('function') or record.get('class')}), so the checkpoint restores it "
+            "only from this script. What to do: move it into a module you import "
+            "(e.g. models.py).",
         )
     return record
 
@@ -126,7 +127,7 @@ def _warn_once(h: NNHandler, obj: Any, message: str) -> None:
     key = (id(obj), message)
     if key not in seen:
         seen.add(key)
-        warnings.warn(message, stacklevel=5)
+        nnh_warn(message)
 
 
 def _plain_kwargs(kwargs: dict[str, Any], what: str) -> dict[str, Any]:
