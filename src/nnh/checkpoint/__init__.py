@@ -68,6 +68,7 @@ from nnh.checkpoint.keys import (
     match_state_dict,
     strip_wrapper_prefixes,
 )
+from nnh.checkpoint.newest import latest
 from nnh.checkpoint.safe_load import load_checkpoint, load_weights_file, to_flat_state_dict
 from nnh.checkpoint.signing import is_own, sign_record
 from nnh.checkpoint.source import capture_model_source, rebuild_class_from_source, resolve_class
@@ -95,6 +96,7 @@ __all__ = [
     "import_record",
     "is_importable",
     "is_own",
+    "latest",
     "list_temp_files",
     "load_checkpoint",
     "load_model_state",
