@@ -110,3 +110,14 @@ def test_evaluate_named_errors():
     empty = TensorDataset(torch.zeros(0, 3), torch.zeros(0, 1))
     with pytest.raises(ValueError, match=r"no batches|no sample"):
         h.evaluate(DataLoader(empty, batch_size=2))
+
+
+def test_evaluate_leaves_the_random_stream_so_a_resume_stays_exact():
+    """Iterating a DataLoader draws from the global RNG; evaluate must not move it, or a run
+    that evaluates between train() calls would diverge from one that does not."""
+    h = handler(ema_decay=0.9)
+    h.train(1, progress_bar=False)
+    before = torch.get_rng_state()
+    h.evaluate()
+    h.evaluate(data(10, 3), apply_ema=False)
+    assert torch.equal(before, torch.get_rng_state())

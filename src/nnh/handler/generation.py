@@ -42,6 +42,7 @@ from nnh.generative.samplers import check_sampler_options, sample_sde
 from nnh.generative.sampling import check_steps
 from nnh.handler.data import fast_loader, move_to_device
 from nnh.handler.inference import ema_weights
+from nnh.handler.progress import interactive
 from nnh.handler.train_setup import train_mode
 
 __all__ = [
@@ -199,7 +200,7 @@ def handler_sample(
         progress = tqdm(
             total=steps,
             desc="Sampling",
-            disable=not bar or (split and not dist.is_main),
+            disable=not bar or (split and not dist.is_main) or not interactive(),
             dynamic_ncols=True,
         )
         try:
@@ -300,7 +301,10 @@ def _loader_log_likelihood(
     shard = ShardCounter(real_samples(loader))
     total = compute.o["ode_steps"] * len(loader)
     progress = tqdm(
-        total=total, desc="Log-likelihood", disable=not show or not dist.is_main, dynamic_ncols=True
+        total=total,
+        desc="Log-likelihood",
+        disable=not show or not dist.is_main or not interactive(),
+        dynamic_ncols=True,
     )
     outputs: list[torch.Tensor] = []
     try:
@@ -370,7 +374,10 @@ def handler_log_likelihood(
             loader = x if isinstance(x, DataLoader) else DataLoader(x, batch_size=DATASET_BATCH)
             return _loader_log_likelihood(handler, loader, args, compute, show)
         progress = tqdm(
-            total=ode_steps, desc="Log-likelihood", disable=not show, dynamic_ncols=True
+            total=ode_steps,
+            desc="Log-likelihood",
+            disable=not show or not interactive(),
+            dynamic_ncols=True,
         )
         try:
             out = compute(x.to(device), args, progress)

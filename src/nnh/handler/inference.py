@@ -209,8 +209,11 @@ def evaluate(
     config = _evaluation_config(h)
     was_training = h.module.training
     h.module.eval()
+    cuda = [h._device] if h._device.type == "cuda" else []
     try:
-        with ema_weights(h, apply_ema):
+        # iterating a DataLoader draws its base seed from the global RNG: keep the user's
+        # stream (and a later resume) exactly as if evaluate had not been called
+        with ema_weights(h, apply_ema), torch.random.fork_rng(devices=cuda):
             result = run_val_epoch(
                 state,
                 config,

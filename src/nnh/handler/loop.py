@@ -28,6 +28,7 @@ from nnh.distributed.ddp import real_samples
 from nnh.handler import validation as check
 from nnh.handler.data import fast_loader
 from nnh.handler.persistence import capture_rng, restore_rng
+from nnh.handler.progress import epoch_line, interactive
 from nnh.handler.saving import (
     check_resume_batch_size,
     raise_save_failures,
@@ -95,6 +96,7 @@ def train(
     h.stop_training = False
     callbacks = CallbackList(h._callbacks, is_main=h._dist.is_main)
     show = progress_bar and h._dist.is_main
+    bars = show and interactive()  # a log file gets one line per epoch instead of bar frames
     start_epoch, history_at_start = state.epoch, len(h._history.train_losses)
     h._target_epoch = start_epoch + epochs
     h._log(
@@ -104,7 +106,7 @@ def train(
     )
     callbacks.call("on_train_begin", {"epochs": epochs, "start_epoch": start_epoch})
     epoch_bar = tqdm(
-        total=epochs, desc="Epochs", unit="epoch", disable=not show, dynamic_ncols=True
+        total=epochs, desc="Epochs", unit="epoch", disable=not bars, dynamic_ncols=True
     )
     logs: dict[str, Any] = {}
     try:
@@ -116,14 +118,16 @@ def train(
                 epoch=epoch,
                 callbacks=callbacks,
                 validate=(epoch % validate_every == 0),
-                epoch_bar=epoch_bar if show else None,
-                batch_bars=show and epoch_train_and_val_pbar,
+                epoch_bar=epoch_bar if bars else None,
+                batch_bars=bars and epoch_train_and_val_pbar,
                 debug_print_interval=debug_print_interval,
                 last=(i == epochs - 1),
                 save_on_last_epoch=save_on_last_epoch,
             )
             raise_save_failures(h)
-            if show:
+            if show and not bars:
+                epoch_line(epoch, start_epoch + epochs, logs)
+            if bars:
                 epoch_bar.update(1)
                 epoch_bar.set_postfix(
                     {
