@@ -206,3 +206,21 @@ def test_under_ddp_rank_0_writes_and_the_other_ranks_never_wait(tmp_path):
     order = (tmp_path / "order.txt").read_text().split()
     assert order[-1] == "True", order
     assert load_checkpoint(tmp_path / "e2.pth")["train_state"]["counters"]["epoch"] == 2
+
+
+def test_a_background_save_logs_saved_once_its_file_is_on_disk(tmp_path):
+    log = tmp_path / "run.log"
+    torch.manual_seed(0)
+    h = NNHandler(MLP, hidden=16, model_type="classification",
+                  logger_mode=NNHandler.LoggingMode.FILE, logger_filename=str(log))  # fmt: skip
+    h.set_optimizer(torch.optim.Adam, lr=1e-2)
+    h.set_loss_fn(nn.functional.cross_entropy)
+    h.set_train_loader(classification_data(64), batch_size=16)
+    h.train(1, progress_bar=False)
+    target = tmp_path / "bg.pth"
+    h.save(str(target), blocking=False)
+    h.wait_for_saves()
+    text = log.read_text()
+    assert f"saving {target} in the background" in text
+    assert f"saved {target}" in text
+    assert text.index(f"saving {target} in the background") < text.index(f"saved {target}")

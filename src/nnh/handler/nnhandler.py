@@ -165,7 +165,6 @@ class NNHandler:
             self._logger.log(level, message)
 
     def _warn(self, message: str) -> None:
-
         if self._dist.is_main:
             nnh_warn(message)
         self._log(message, logging.WARNING)

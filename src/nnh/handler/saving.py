@@ -166,10 +166,15 @@ def submit_checkpoint(
         if bad:
             raise non_finite_error(path, bad)
 
+    def saved(written: Path) -> None:  # on the writer thread, once the file is on disk
+        handler._log(f"saved {written}")
+        if after is not None:
+            after(written)
+
     handle = writer.submit(
         payload,
         path,
-        after=after,
+        after=saved,
         share=_SHARED,  # embedded datasets are not copied: training never modifies them
         defer=_DEFERRED if defer else None,
         check=check,
