@@ -142,7 +142,8 @@ def test_a_non_finite_likelihood_warns_with_the_step():
 
 
 # ---------------------------------------------------------------- 4. verbose
-def test_verbose_is_accepted_beside_pbar(capsys):
+def test_verbose_is_accepted_beside_pbar(capsys, monkeypatch):
+    monkeypatch.setenv("NNH_PROGRESS", "bars")  # captured stderr is no terminal: ask for bars
     h = gaussian_handler()
     x = torch.randn(3, 2)
     quiet = h.log_likelihood(x, ode_steps=3, verbose=0, pbar=True)
