@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import time
 from typing import Any
 
 from nnh.callbacks.base import Callback
-from nnh.callbacks.tracking import checkpoint_path, finite, numeric_logs, require, run_config
+from nnh.callbacks.tracking import (
+    checkpoint_path,
+    finite,
+    numeric_logs,
+    require,
+    restore_run_state,
+    run_config,
+)
 from nnh.warn import warn as nnh_warn
 
 __all__ = ["MLflowLogger"]
@@ -172,12 +178,4 @@ class MLflowLogger(Callback):
             >>> m = MLflowLogger(); m.load_state_dict({"run_id": "abc123"}); m.run_id
             'abc123'
         """
-        run_id = state.get("run_id")
-        if run_id is not None and not (
-            isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id)
-        ):
-            raise ValueError(f"MLflowLogger state run_id must be an MLflow run id, got {run_id!r}")
-        checkpoint = state.get("checkpoint")
-        self.run_id = run_id
-        self._checkpoint = checkpoint if isinstance(checkpoint, str) else None
-        self._restored = True
+        restore_run_state(self, state, "an MLflow", 64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from numbers import Real
 from typing import Any
 
@@ -138,3 +139,25 @@ def checkpoint_path(handler: Any) -> str | None:
     """
     saver = getattr(handler, "auto_saver", None)
     return getattr(saver, "last_saved", None) if saver is not None else None
+
+
+def restore_run_state(logger: Any, state: dict[str, Any], what: str, max_len: int) -> None:
+    """Restore a tracker's ``run_id`` (checked: 1..``max_len`` letters, digits, ``-``, ``_``)
+    and its last logged checkpoint path from a saved callback state.
+
+    Example:
+        >>> class T: pass
+        >>> t = T(); restore_run_state(t, {"run_id": "a1"}, "an MLflow", 64); t.run_id
+        'a1'
+    """
+    run_id = state.get("run_id")
+    if run_id is not None and not (
+        isinstance(run_id, str) and re.fullmatch(rf"[A-Za-z0-9_-]{{1,{max_len}}}", run_id)
+    ):
+        raise ValueError(
+            f"{type(logger).__name__} state run_id must be {what} run id, got {run_id!r}"
+        )
+    checkpoint = state.get("checkpoint")
+    logger.run_id = run_id
+    logger._checkpoint = checkpoint if isinstance(checkpoint, str) else None
+    logger._restored = True

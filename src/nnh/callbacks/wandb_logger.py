@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 from typing import Any
 
 from nnh.callbacks.base import Callback
-from nnh.callbacks.tracking import checkpoint_path, finite, numeric_logs, require, run_config
+from nnh.callbacks.tracking import (
+    checkpoint_path,
+    finite,
+    numeric_logs,
+    require,
+    restore_run_state,
+    run_config,
+)
 
 __all__ = ["WandbLogger"]
 
@@ -147,12 +153,4 @@ class WandbLogger(Callback):
             >>> w = WandbLogger(mode="disabled"); w.load_state_dict({"run_id": "1x2y3z"}); w.run_id
             '1x2y3z'
         """
-        run_id = state.get("run_id")
-        if run_id is not None and not (
-            isinstance(run_id, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id)
-        ):
-            raise ValueError(f"WandbLogger state run_id must be a W&B run id, got {run_id!r}")
-        checkpoint = state.get("checkpoint")
-        self.run_id = run_id
-        self._checkpoint = checkpoint if isinstance(checkpoint, str) else None
-        self._restored = True
+        restore_run_state(self, state, "a W&B", 128)
