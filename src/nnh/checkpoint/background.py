@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from nnh.checkpoint.errors import CheckpointError
+from nnh.checkpoint.pacing import WritePacing, thread_run_and_wait
 
 __all__ = ["BackgroundWriter", "SaveHandle", "defer_spec", "snapshot"]
 
@@ -266,6 +267,7 @@ class SaveHandle:
         self.path = path
         self._future: Future = future if future is not None else Future()
         self.superseded = False
+        self.inline = False  # written on the caller's thread (see WritePacing)
 
     def done(self) -> bool:
         return self._future.done()
@@ -313,7 +315,7 @@ class _Job:
         self.fallback: _Job | None = None  # the first superseded snapshot, if still queued
 
     def load(
-        self, payload: dict[str, Any], copier: _Copier, staged: Future | None, **options: Any
+        self, payload: dict[str, Any], copier: _Copier | None, staged: Future | None, **options: Any
     ) -> None:
         """Take a (newer) snapshot and its options."""
         self.payload, self.copier, self.staged = payload, copier, staged
@@ -353,11 +355,16 @@ class BackgroundWriter:
     """One background thread that writes checkpoint snapshots (see the module docstring).
 
     ``write`` is the function that writes a payload to a path (by default
-    :func:`nnh.checkpoint.save_checkpoint`).
+    :func:`nnh.checkpoint.save_checkpoint`). ``pacing`` (a :class:`WritePacing`): saves
+    submitted with ``paced=True`` are written inline on the caller's thread while the
+    machine has no core to spare for the writer (:mod:`nnh.checkpoint.pacing`).
     """
 
     def __init__(
-        self, max_queued: int = 2, write: Callable[[dict[str, Any], Path], Any] | None = None
+        self,
+        max_queued: int = 2,
+        write: Callable[[dict[str, Any], Path], Any] | None = None,
+        pacing: WritePacing | None = None,
     ) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1, got {max_queued!r}")
@@ -371,6 +378,7 @@ class BackgroundWriter:
         self._stager: ThreadPoolExecutor | None = None
         self._staging: Future | None = None  # the latest deferred copy
         self._held: weakref.WeakSet[Any] = weakref.WeakSet()  # optimizers with our pre-hook
+        self.pacing = pacing
 
     def _run(self, job: _Job) -> None:
         with self._lock:
@@ -379,7 +387,12 @@ class BackgroundWriter:
             job.started = True
             fallback, job.fallback = job.fallback, None
         self._slots.release()
+        before = thread_run_and_wait() if self.pacing is not None else None
         refused = self._attempt(job)
+        if before is not None and self.pacing is not None:
+            after = thread_run_and_wait()
+            if after is not None:
+                self.pacing.record_write(after[0] - before[0], after[1] - before[1])
         if fallback is None:
             return
         if refused:  # the newest snapshot was bad: write the one it superseded
@@ -446,6 +459,7 @@ class BackgroundWriter:
         check: Check | None = None,
         on_refused: Callable[[CheckpointError], None] | None = None,
         write: Callable[[dict[str, Any], Path], Any] | None = None,
+        paced: bool = False,
     ) -> SaveHandle:
         """Snapshot ``payload`` (sections in ``share`` by reference) and queue it for ``path``.
 
@@ -457,7 +471,10 @@ class BackgroundWriter:
         stops the write and is the handle's result, and is also passed to ``on_refused``
         when given (that error is then not reported again by :meth:`wait`/:meth:`failures`).
         ``write(snapshot, path)``, when given, writes this snapshot instead of the writer's
-        ``write`` function (e.g. one that checks ownership at the rename).
+        ``write`` function (e.g. one that checks ownership at the rename). ``paced``: when the
+        writer's ``pacing`` says no core is free, the save is written now, on the caller's
+        thread, after every earlier submission (no snapshot copy; the returned handle is
+        done and has ``inline`` set).
 
         Example:
             >>> import tempfile
@@ -471,6 +488,9 @@ class BackgroundWriter:
             'w.pth'
         """
         target = Path(path)
+        options = {"after": after, "check": check, "on_refused": on_refused, "write": write}
+        if paced and self.pacing is not None and not self.pacing.background():
+            return self._write_inline(payload, target, options)
         with self._lock:
             spare, self._spare = self._spare, {}
         data, copier = _snapshot(payload, share, spare, defer)
@@ -479,7 +499,6 @@ class BackgroundWriter:
             if self._stager is None:
                 self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nnh-stage")
             staged = self._staging = self._stager.submit(copier.finish, target)
-        options = {"after": after, "check": check, "on_refused": on_refused, "write": write}
         with self._lock:
             older = self._queued.get(target)
             if older is not None and not older.started:  # supersede: write the newer state
@@ -504,6 +523,26 @@ class BackgroundWriter:
             self._slots.release()
             job.future.set_exception(err)
             raise
+        return handle
+
+    def _write_inline(
+        self, payload: dict[str, Any], target: Path, options: dict[str, Any]
+    ) -> SaveHandle:
+        """Write ``payload`` now, on this thread, once every earlier submission is written
+        (so files still change in submission order); no copy: nothing runs in between."""
+        self.wait_staged()
+        with self._lock:
+            earlier = [j.future for j in self._jobs]
+        futures_wait(earlier)
+        job = _Job(target)
+        job.load(payload, None, None, **options)
+        job.started = True
+        handle = job.handle()
+        handle.inline = True
+        with self._lock:
+            self._jobs = [j for j in self._jobs if not j.future.done() or j.future.exception()]
+            self._jobs.append(job)
+        self._attempt(job)
         return handle
 
     def hold(self, optimizer: Any) -> bool:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from nnh.callbacks.base import Callback
 from nnh.checkpoint.background import BackgroundWriter, SaveHandle
 from nnh.checkpoint.ownership import new_run_id
+from nnh.checkpoint.pacing import pacing_from_env
 from nnh.core import (
     LossScaler,
     OptimizerAdapter,
@@ -711,7 +712,7 @@ class NNHandler:
 
     def _background_writer(self) -> BackgroundWriter:
         if self._saves is None:
-            self._saves = BackgroundWriter()
+            self._saves = BackgroundWriter(pacing=pacing_from_env())
         return self._saves
 
     @property

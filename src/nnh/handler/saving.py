@@ -146,7 +146,9 @@ def submit_checkpoint(
     ``in_training``: an automatic save inside ``train()``. Then the optimizer's moments and
     the EMA weights, which only the optimizer's next ``step()`` changes, are copied on the
     writer's stager thread while training goes on, and that step waits for the copy
-    (:meth:`nnh.checkpoint.background.BackgroundWriter.hold`). ``warn_if_refused``: a
+    (:meth:`nnh.checkpoint.background.BackgroundWriter.hold`); and while the machine has no
+    core to spare for the writer, such a save is written inline, as a blocking one
+    (:mod:`nnh.checkpoint.pacing`). ``warn_if_refused``: a
     non-finite state is reported as a warning (as a blocking step checkpoint does), not
     raised by the next call.
     """
@@ -180,8 +182,10 @@ def submit_checkpoint(
         check=check,
         on_refused=(lambda err: handler._warn(str(err))) if warn_if_refused else None,
         write=_writer(handler, path, guard_replace) if guard_replace else None,
+        paced=in_training,  # written inline while no core is free (nnh.checkpoint.pacing)
     )
-    handler._log(f"saving {path} in the background")
+    if not handle.inline:
+        handler._log(f"saving {path} in the background")
     return handle
 
 
