@@ -293,3 +293,15 @@ def test_fuzz_unknown_names_are_named(arg, value):
     h = handler(ExactGaussianScore)
     with pytest.raises(ValueError, match=arg):
         h.log_likelihood(torch.zeros(2, 2), ode_steps=2, **{arg: value})
+
+
+def test_a_model_turning_nan_mid_solve_warns_and_ends_the_solve():
+    from gen_models import NaNAfter
+
+    h = handler(NaNAfter, sde_class=VPSDE, k=5)
+    with (
+        CallRecorder(h.module) as rec,
+        pytest.warns(RuntimeWarning, match=r"dopri5 step.*input x was finite"),
+    ):
+        lp = h.log_likelihood(torch.randn(3, 2), method="dopri5", divergence="exact")
+    assert bool(torch.isnan(lp).all()) and rec.calls <= 2 + 6 * 2  # no stall until ode_steps
