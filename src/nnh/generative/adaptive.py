@@ -1,15 +1,16 @@
 """Adaptive Dormand-Prince 5(4) with error control, batched with one step size per sample.
 
 The solved system is an ODE ``dy/ds = F(s, y)`` for a state ``y`` ``[B, ...]`` plus a scalar
-per sample ``l`` ``[B]`` with ``dl/ds = D(s, y)`` (the log-density integral of the
+per sample ``q`` ``[B]`` with ``dq/ds = D(s, y)`` (the log-density integral of the
 likelihood): ``field(s, y) -> (F, D)`` with ``s`` of shape ``[B]``. One call of ``field``
 is one model call.
 
 Each sample has its own ``s``, step size and accept/reject decision, so a sample's answer
 (and its error) does not depend on the other samples of the batch; every attempt evaluates
-the whole batch at once (a finished sample takes steps of size 0). Error norm per sample:
-``max(rms_i(err_y_i / (atol + rtol max(|y_i|, |y_new_i|))), |err_l| / (atol + rtol max(|l|, |l_new|)))``
--- the log-density gets its own tolerance instead of 1/(D+1) of an RMS. A step is accepted
+the whole batch at once (a finished sample takes steps of size 0). Error norm per sample: the
+RMS over the ``D + 1`` components of ``(y, q)`` of ``err / (atol + rtol max(|old|, |new|))``
+(the convention of Hairer's DOPRI5, scipy and torchdiffeq; the integral ``q`` is one
+component, so its own error is held to ``sqrt(D + 1)`` tolerances at most). A step is accepted
 when the norm is <= 1; the next step is ``h * clamp(0.9 norm^(-1/5), 0.2, 10)``.
 
 Cost: the first-same-as-last (FSAL) property makes every attempt, accepted or rejected,
@@ -115,19 +116,20 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _norm(
     err_y: torch.Tensor,
-    err_l: torch.Tensor,
+    err_q: torch.Tensor,
     state: Dopri5State,
     y_new: torch.Tensor,
-    l_new: torch.Tensor,
+    q_new: torch.Tensor,
     rtol: float,
     atol: float,
 ) -> torch.Tensor:
-    """The per-sample error norm ``[B]`` (<= 1: accept)."""
+    """The per-sample error norm ``[B]`` (<= 1: accept): the RMS over the ``D + 1`` components."""
     batch = err_y.shape[0]
     scale_y = atol + rtol * torch.maximum(state.y.abs(), y_new.abs())
-    rms_y = (err_y / scale_y).reshape(batch, -1).pow(2).mean(dim=1).sqrt()
-    scale_l = atol + rtol * torch.maximum(state.q.abs(), l_new.abs())
-    return torch.maximum(rms_y, (err_l / scale_l).abs())
+    sq_y = (err_y / scale_y).reshape(batch, -1).pow(2)
+    scale_q = atol + rtol * torch.maximum(state.q.abs(), q_new.abs())
+    sq_q = (err_q / scale_q).pow(2)
+    return ((sq_y.sum(dim=1) + sq_q) / (sq_y.shape[1] + 1)).sqrt()
 
 
 def dopri5_start(
@@ -135,7 +137,7 @@ def dopri5_start(
     s0: torch.Tensor,
     s1: torch.Tensor,
     y0: torch.Tensor,
-    l0: torch.Tensor,
+    q0: torch.Tensor,
     rtol: float,
     atol: float,
 ) -> Dopri5State:
@@ -149,7 +151,7 @@ def dopri5_start(
         >>> st.h.shape, bool((st.h > 0).all())
         (torch.Size([2]), True)
     """
-    dy0, dl0 = field(s0, y0)
+    dy0, dq0 = field(s0, y0)
     batch = y0.shape[0]
     scale = atol + rtol * y0.abs()
     d0 = (y0 / scale).reshape(batch, -1).pow(2).mean(1).sqrt()
@@ -167,7 +169,7 @@ def dopri5_start(
     )
     h = torch.minimum(torch.minimum(100 * h0, h1), span)
     done = torch.zeros(batch, dtype=torch.bool, device=y0.device)
-    return Dopri5State(s0, y0, l0, dy0, dl0, h, done)
+    return Dopri5State(s0, y0, q0, dy0, dq0, h, done)
 
 
 def dopri5_step(
@@ -190,24 +192,24 @@ def dopri5_step(
     """
     h = torch.where(state.done, torch.zeros_like(state.h), torch.minimum(state.h, s1 - state.s))
     hy = _bcast(h, state.y)
-    ks_y, ks_l = [state.dy], [state.dq]
+    ks_y, ks_q = [state.dy], [state.dq]
     for i in range(1, 7):
-        y_i, l_i = state.y, state.q
-        for a, ky, kl in zip(_A[i], ks_y, ks_l):
+        y_i, q_i = state.y, state.q
+        for a, ky, kl in zip(_A[i], ks_y, ks_q):
             if a != 0.0:
                 y_i = y_i + (a * hy) * ky
-                l_i = l_i + (a * h) * kl
+                q_i = q_i + (a * h) * kl
         if i == 6:
-            y_new, l_new = y_i, l_i
-        dy, dl = field(state.s + _C[i] * h, y_i)
+            y_new, q_new = y_i, q_i
+        dy, dq = field(state.s + _C[i] * h, y_i)
         ks_y.append(dy)
-        ks_l.append(dl)
+        ks_q.append(dq)
     err_y = sum((e * hy) * k for e, k in zip(_E, ks_y) if e != 0.0)
-    err_l = sum((e * h) * k for e, k in zip(_E, ks_l) if e != 0.0)
-    norm = _norm(err_y, err_l, state, y_new, l_new, rtol, atol)
+    err_q = sum((e * h) * k for e, k in zip(_E, ks_q) if e != 0.0)
+    norm = _norm(err_y, err_q, state, y_new, q_new, rtol, atol)
     bad = ~(
         torch.isfinite(norm)
-        & torch.isfinite(l_new)
+        & torch.isfinite(q_new)
         & torch.isfinite(y_new).reshape(norm.shape[0], -1).all(1)
     )
     accept = ((norm <= 1.0) | bad) & ~state.done
@@ -220,9 +222,9 @@ def dopri5_step(
     next_state = Dopri5State(
         s=s_new,
         y=torch.where(keep, y_new, state.y),
-        q=torch.where(accept, l_new, state.q),
+        q=torch.where(accept, q_new, state.q),
         dy=torch.where(keep, ks_y[6], state.dy),
-        dq=torch.where(accept, ks_l[6], state.dq),
+        dq=torch.where(accept, ks_q[6], state.dq),
         h=torch.where(state.done, state.h, torch.where(bad, state.h, h * factor)),
         done=state.done | reached | (bad & ~state.done),
     )
@@ -234,7 +236,7 @@ def dopri5_solve(
     s0: torch.Tensor,
     s1: torch.Tensor,
     y0: torch.Tensor,
-    l0: torch.Tensor | None = None,
+    q0: torch.Tensor | None = None,
     *,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -242,7 +244,7 @@ def dopri5_solve(
     on_attempt: Callable[[int, Dopri5State], None] | None = None,
     limit_name: str = "max_attempts",
 ) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
-    """``(y(s1), l(s1), stats)`` of ``dy/ds = F``, ``dl/ds = D`` from ``s0`` (``[B]``) to ``s1`` (``[B]``).
+    """``(y(s1), q(s1), stats)`` of ``dy/ds = F``, ``dq/ds = D`` from ``s0`` (``[B]``) to ``s1`` (``[B]``).
 
     Stops when every sample has reached its ``s1``; raises ``RuntimeError`` naming
     ``max_attempts`` (the number of step attempts allowed, accepted or rejected) when some
@@ -250,14 +252,14 @@ def dopri5_solve(
     bar or a ``no_grad`` bookkeeping hook); the loop itself keeps no history.
 
     Example:
-        >>> lin = lambda s, y: (2.0 * y, y.sum(1))  # y = e^(2s) y0, l = int y
-        >>> y, l, st = dopri5_solve(lin, torch.zeros(3), torch.ones(3), torch.ones(3, 1), rtol=1e-8, atol=1e-8)
-        >>> round(y[0, 0].item(), 5), round(l[0].item(), 5), st.calls == 2 + 6 * st.attempts
-        (7.38906, 3.19453, True)
+        >>> lin = lambda s, y: (2.0 * y, y.sum(1))  # y = e^(2s) y0, q = int y
+        >>> y, q, st = dopri5_solve(lin, torch.zeros(3), torch.ones(3), torch.ones(3, 1), rtol=1e-8, atol=1e-8)
+        >>> round(y[0, 0].item(), 4), round(q[0].item(), 4), st.calls == 2 + 6 * st.attempts
+        (7.3891, 3.1945, True)
     """
-    if l0 is None:
-        l0 = torch.zeros(y0.shape[0], dtype=y0.dtype, device=y0.device)
-    state = dopri5_start(field, s0, s1, y0, l0, rtol, atol)
+    if q0 is None:
+        q0 = torch.zeros(y0.shape[0], dtype=y0.dtype, device=y0.device)
+    state = dopri5_start(field, s0, s1, y0, q0, rtol, atol)
     accepted = torch.zeros(y0.shape[0], dtype=torch.long, device=y0.device)
     rejected = torch.zeros_like(accepted)
     attempts = 0
