@@ -163,7 +163,7 @@ def peak_growth_mb(rtol: str) -> float:
 
 
 def test_dopri5_memory_is_flat_in_the_number_of_steps():
-    # measured: 1e-2 -> 1e-7 takes ~5x the steps; the peak RSS grows by ~0-10 MB
+    # measured: 1e-2 -> 1e-7 takes 6 -> 27 attempts (38 -> 164 calls); peak RSS growth 4.4 and 3.2 MB
     loose, tight = peak_growth_mb("1e-2"), peak_growth_mb("1e-7")
     assert tight - loose < 100.0, (loose, tight)
 
