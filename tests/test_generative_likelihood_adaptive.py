@@ -305,3 +305,14 @@ def test_a_model_turning_nan_mid_solve_warns_and_ends_the_solve():
     ):
         lp = h.log_likelihood(torch.randn(3, 2), method="dopri5", divergence="exact")
     assert bool(torch.isnan(lp).all()) and rec.calls <= 2 + 6 * 2  # no stall until ode_steps
+
+
+def test_dopri5_is_differentiable_only_when_asked():
+    h = handler(ExactGaussianScore)
+    x = torch.randn(4, 2)
+    assert not h.log_likelihood(x, method="dopri5").requires_grad
+    lp = h.log_likelihood(
+        x, method="dopri5", differentiable=True, apply_ema=False, rtol=1e-3, atol=1e-3
+    )
+    lp.sum().backward()
+    assert h.module.scale.grad is not None and bool(torch.isfinite(h.module.scale.grad))
