@@ -188,6 +188,9 @@ def test_bad_options_are_named_before_any_model_call():
     )
     no_call_error(h, TypeError, r"rtol must be a real number.*str", method="dopri5", rtol="1e-5")
     no_call_error(h, ValueError, r"rtol.*-1", method="dopri5", rtol=-1)
+    no_call_error(
+        h, ValueError, r"ode_steps must be an integer >= 1.*got 0", method="dopri5", ode_steps=0
+    )
 
 
 def test_nan_in_x_is_named_as_the_input_not_the_model():

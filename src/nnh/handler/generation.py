@@ -258,7 +258,12 @@ def _check_likelihood_options(
             f"method='dopri5' chooses its steps (there ode_steps is the most step attempts, "
             f"default {DOPRI5_MAX_ATTEMPTS})"
         )
-    ode_steps = check_steps(DOPRI5_MAX_ATTEMPTS if ode_steps is None else ode_steps)
+    ode_steps = DOPRI5_MAX_ATTEMPTS if ode_steps is None else ode_steps
+    if isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1:
+        raise ValueError(
+            f"ode_steps must be an integer >= 1 (fixed steps; for dopri5 the most step "
+            f"attempts), got {ode_steps!r}"
+        )
     rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
     divergence = check_divergence(divergence)
     if (
