@@ -319,3 +319,17 @@ def test_dopri5_is_differentiable_only_when_asked():
     )
     lp.sum().backward()
     assert h.module.scale.grad is not None and bool(torch.isfinite(h.module.scale.grad))
+
+
+def test_dopri5_of_a_dataset_in_batches_is_the_tensor_result():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    h = handler(sde_class=VESDE)
+    x = mixture_points(10, seed=3)
+    whole = h.log_likelihood(x, method="dopri5", divergence="exact")
+    batched = h.log_likelihood(
+        DataLoader(TensorDataset(x), batch_size=3), method="dopri5", divergence="exact"
+    )
+    assert torch.allclose(
+        batched, whole, rtol=0, atol=1e-5
+    )  # per-sample steps: batching does not matter
