@@ -8,12 +8,17 @@ own. For VP and VE, 20 000 samples per row (Monte-Carlo SE: weight <= 0.0035, st
 max relative within-mode std error, seconds. When ``score_models`` is installed, its
 Euler-Maruyama ``ScoreModel.sample`` on the same network is timed beside nnh's ``em``.
 
+``--likelihood`` (issue 20) prints instead the likelihood table: mean bias (nats) of
+``log_likelihood`` against the exact ``log p_t0`` of the mixture at ``--n`` points drawn from
+it (default 20 000), model calls per solve and seconds, for ``method='dopri5'`` (exact and
+Hutchinson divergence) and fixed-step Euler/Heun-100, on VP and VE.
+
 ``--flow`` (issue 20) prints instead the ODE samplers' table of model calls against weight,
 std and flow error (RMS distance to a converged solve from the same prior draw), nnh's and,
 when ``k_diffusion`` is installed (``pip install k-diffusion --no-deps``), k-diffusion's on
 the same exact score (see ``flow_table.py``).
 
-    python benchmarks/bench_generative.py [--n 20000] [--quick] [--flow] [--json out.json]
+    python benchmarks/bench_generative.py [--n 20000] [--quick] [--flow | --likelihood] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from gen_models import MixtureExactScore, mixture_errors
+from gen_models import FOUR_MODES, CallRecorder, MixtureExactScore, mixture_errors
 
 from nnh import NNHandler
 from nnh.generative import VESDE, VPSDE, score_calls
@@ -110,8 +115,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewest steps of each row only")
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument("--flow", action="store_true", help="the ODE samplers' flow-error table")
+    parser.add_argument("--likelihood", action="store_true", help="the likelihood bias/calls table")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.likelihood:
+        likelihood_main(args)
+        return
     if args.flow:
         flow_main(args)
         return
@@ -152,6 +161,102 @@ def flow_main(args: argparse.Namespace) -> None:
             print(
                 f"  {r['sampler']:26s} {r['grid']:7s} | {r['calls']:4d} | "
                 f"{r['weight_err']:.4f} {r['std_err']:.4f} {r['flow_err']:.4f}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def mixture_sample(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.tensor(FOUR_MODES["means"])
+    k = torch.multinomial(torch.tensor(FOUR_MODES["weights"]), n, True, generator=g)
+    return means[k] + FOUR_MODES["std"] * torch.randn(n, 2, generator=g)
+
+
+def mixture_log_p(sde: object, x: torch.Tensor, t: float) -> torch.Tensor:
+    """The exact log-density of the mixture's marginal at time ``t`` (float64)."""
+    tt = torch.tensor(t, dtype=torch.float64)
+    mu, sigma = sde.mu(tt), sde.sigma(tt)
+    var = mu**2 * FOUR_MODES["std"] ** 2 + sigma**2
+    means = torch.tensor(FOUR_MODES["means"], dtype=torch.float64)
+    d2 = ((x.double()[:, None] - mu * means[None]) ** 2).sum(-1)
+    log_w = torch.tensor(FOUR_MODES["weights"], dtype=torch.float64).log()
+    return torch.logsumexp(log_w - 0.5 * d2 / var - torch.log(2 * torch.pi * var), dim=1)
+
+
+def per_sample_calls(h: NNHandler, x: torch.Tensor, tol: float) -> tuple[float, int]:
+    """(mean, max) calls a sample's own dopri5 solve takes (what it costs alone, batch of one)."""
+    from nnh.generative.adaptive import dopri5_solve
+    from nnh.generative.level_ode import level_field, noise_level_of
+
+    sde = h.sde
+    times = torch.tensor([sde.epsilon, sde.T], dtype=torch.float64)
+    lam = noise_level_of(sde, times).to(x.dtype)
+    n = x.shape[0]
+    with torch.no_grad():
+        _, _, stats = dopri5_solve(
+            level_field(sde, h.score, None),
+            lam[0].expand(n),
+            lam[1].expand(n),
+            x / sde.mu(times[0]).to(x.dtype),
+            rtol=tol,
+            atol=tol,
+        )
+    own = 2 + 6 * (stats.accepted + stats.rejected)
+    return float(own.double().mean()), int(own.max())
+
+
+LIKELIHOOD_ROWS = [
+    ("dopri5", "exact", {"rtol": 1e-5, "atol": 1e-5}),
+    ("dopri5", "exact", {"rtol": 1e-4, "atol": 1e-4}),
+    ("dopri5", "hutchinson", {"rtol": 1e-5, "atol": 1e-5}),
+    ("Euler", "exact", {"ode_steps": 100}),
+    ("Heun", "exact", {"ode_steps": 100}),
+    ("Heun", "hutchinson", {"ode_steps": 100}),
+]
+
+
+def likelihood_main(args: argparse.Namespace) -> None:
+    results: dict[str, list[dict]] = {}
+    n = min(args.n, 2000) if args.quick else args.n
+    x = mixture_sample(n)
+    for name, sde_class in (("VP", VPSDE), ("VE", VESDE)):
+        h = handler_for(sde_class)
+        exact = mixture_log_p(h.sde, x, h.sde.epsilon)
+        rows = results.setdefault(name, [])
+        print(
+            f"\n{name} ({n} points): method divergence options | calls | bias +- se | max|err| | s"
+        )
+        for method, divergence, options in LIKELIHOOD_ROWS:
+            torch.manual_seed(0)
+            with CallRecorder(h.module) as rec:
+                start = time.perf_counter()
+                lp = h.log_likelihood(x, method=method, divergence=divergence, **options)
+                seconds = time.perf_counter() - start
+            err = lp.double() - exact
+            row = {
+                "method": method,
+                "divergence": divergence,
+                **options,
+                "calls": rec.calls,
+                "bias": float(err.mean()),
+                "bias_se": float(err.std() / n**0.5),
+                "max_abs_err": float(err.abs().max()),
+                "seconds": round(seconds, 2),
+            }
+            if method == "dopri5" and divergence == "exact":
+                row["own_calls_mean"], row["own_calls_max"] = per_sample_calls(
+                    h, x, options["rtol"]
+                )
+            rows.append(row)
+            own = (
+                f" (alone: mean {row['own_calls_mean']:.0f}, max {row['own_calls_max']})"
+                if "own_calls_mean" in row
+                else ""
+            )
+            print(
+                f"  {method:6s} {divergence:10s} {options} | {rec.calls:4d}{own} | "
+                f"{row['bias']:+.5f} +- {row['bias_se']:.5f} | {row['max_abs_err']:.4f} | {seconds:.1f}"
             )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -1,7 +1,8 @@
 """Peak memory of ``NNHandler.log_likelihood`` for a given number of ODE steps (run in a fresh process).
 
-Usage: ``python tests/likelihood_memory_script.py STEPS``; prints the growth of the peak
-resident set size (MB) during the call. A small but activation-heavy score MLP (wide batch,
+Usage: ``python tests/likelihood_memory_script.py STEPS [METHOD RTOL]``; prints the growth of
+the peak resident set size (MB) during the call. With ``METHOD=dopri5`` the number of steps is
+set by ``RTOL`` (= ``atol``) and ``STEPS`` is the most attempts. A small but activation-heavy score MLP (wide batch,
 several probes, narrow layers) makes a kept autograd graph cost ~MBs per step.
 """
 
@@ -30,6 +31,8 @@ def peak_mb() -> float:
 
 if __name__ == "__main__":
     steps = int(sys.argv[1])
+    method = sys.argv[2] if len(sys.argv) > 2 else "Euler"
+    tol = float(sys.argv[3]) if len(sys.argv) > 3 else 1e-5
     torch.manual_seed(0)
     torch.set_num_threads(1)
     handler = NNHandler(ScoreNet, model_type="score_based")
@@ -37,6 +40,8 @@ if __name__ == "__main__":
     x = torch.randn(512, 2)
     handler.log_likelihood(x, ode_steps=2, n_cotangent_vectors=8)  # warm-up allocations
     before = peak_mb()
-    out = handler.log_likelihood(x, ode_steps=steps, n_cotangent_vectors=8)
+    out = handler.log_likelihood(
+        x, ode_steps=steps, n_cotangent_vectors=8, method=method, rtol=tol, atol=tol
+    )
     assert out.shape == (512,) and bool(torch.isfinite(out).all())
     print(f"{peak_mb() - before:.1f}")

@@ -372,7 +372,9 @@ def test_all_probes_are_used_in_one_call():
 def test_likelihood_argument_errors():
     sde, x = VPSDE(), data_points(2)
     with pytest.raises(
-        ValueError, match=r"unknown ODE method 'Midpoint'; use one of \('Euler', 'Heun', 'RK4'\)"
+        ValueError,
+        match=r"method='Midpoint' is not a likelihood integrator; use one of "
+        r"\('Euler', 'Heun', 'RK4', 'dopri5'\)",
     ):
         log_likelihood_ode(sde, gaussian_score(sde), x, steps=3, probes=None, method="Midpoint")
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):

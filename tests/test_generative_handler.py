@@ -291,7 +291,9 @@ def test_noise_types_and_argument_errors():
     assert (many - exact).abs().max() < 0.12  # ... which averages out (SE 1.4 nats / sqrt(4000) = 0.022)
     with pytest.raises(ValueError, match=r"noise_type='uniform': use 'rademacher' or 'gaussian'"):
         h.log_likelihood(x, ode_steps=2, noise_type="uniform")
-    with pytest.raises(ValueError, match=r"unknown ODE method 'Midpoint'; use one of \('Euler', 'Heun', 'RK4'\)"):
+    with pytest.raises(
+        ValueError, match=r"method='Midpoint' is not a likelihood integrator; use one of \('Euler', 'Heun', 'RK4', 'dopri5'\)"
+    ):
         h.log_likelihood(x, ode_steps=2, method="Midpoint")
     with pytest.raises(ValueError, match="n_cotangent_vectors must be an int >= 1"):
         h.log_likelihood(x, ode_steps=2, n_cotangent_vectors=0)

@@ -4,6 +4,7 @@ Read ``docs/generative.md``. Every function here is pure: noise and probe vector
 arguments (or from an explicit ``torch.Generator``) and inputs are never modified.
 """
 
+from nnh.generative.adaptive import Dopri5State, dopri5_solve, dopri5_start, dopri5_step
 from nnh.generative.divergence import (
     PROBE_KINDS,
     exact_divergence,
@@ -12,7 +13,8 @@ from nnh.generative.divergence import (
     sample_probes,
     value_and_divergence,
 )
-from nnh.generative.likelihood import log_likelihood_ode
+from nnh.generative.level_ode import level_field, time_of_level
+from nnh.generative.likelihood import DIVERGENCES, LIKELIHOOD_METHODS, log_likelihood_ode
 from nnh.generative.multistep import (
     MULTISTEP_METHODS,
     MultistepHistory,
@@ -37,6 +39,8 @@ from nnh.generative.steps import (
 from nnh.generative.time_grid import TIME_GRIDS, edm_grid, logsnr_grid, time_grid, uniform_grid
 
 __all__ = [
+    "DIVERGENCES",
+    "LIKELIHOOD_METHODS",
     "MULTISTEP_METHODS",
     "ODE_METHODS",
     "PROBE_KINDS",
@@ -45,9 +49,13 @@ __all__ = [
     "TIME_GRIDS",
     "VESDE",
     "VPSDE",
+    "Dopri5State",
     "MultistepHistory",
     "SubVPSDE",
     "denoising_score_matching_loss",
+    "dopri5_solve",
+    "dopri5_start",
+    "dopri5_step",
     "dpm_solver_pp_step",
     "edm_grid",
     "em_sde_step",
@@ -56,6 +64,7 @@ __all__ = [
     "fresh_probes",
     "hutchinson_divergence",
     "langevin_corrector_step",
+    "level_field",
     "log_likelihood_ode",
     "logsnr_grid",
     "ode_likelihood_step",
@@ -66,6 +75,7 @@ __all__ = [
     "sample_sde",
     "score_calls",
     "time_grid",
+    "time_of_level",
     "tweedie_denoise",
     "uniform_grid",
     "value_and_divergence",

@@ -19,19 +19,30 @@ def check_time_window(sde: SDE, t0: Any, t1: Any) -> tuple[float, float]:
     """``(t0, t1)`` as floats when ``0 <= t0 < t1 <= sde.T`` and ``sigma(t0) > 0``, else ``ValueError``.
 
     ``t1`` past ``T`` has no prior to end on; a ``t0`` where ``sigma(t0) = 0`` (``t0 = 0`` on
-    VP and sub-VP) makes the score ``model / sigma`` infinite.
+    VP and sub-VP) makes the score ``model / sigma`` infinite. A 0-d tensor counts as a number.
 
     Example:
         >>> from nnh.generative.sde import VPSDE
         >>> check_time_window(VPSDE(), 1e-3, 1.0)
         (0.001, 1.0)
     """
+    window = []
     for name, value in (("t0", t0), ("t1", t1)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            value = value.item()  # a 0-d (or one-element) tensor is a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            got = (
+                f"a tensor of shape {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else type(value).__name__
+            )
+            raise TypeError(
+                f"{name} must be a number or a 0-d tensor (a time in [0, T]), got {got}"
+            )
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite time in [0, T], got {value!r}")
-    t0, t1 = float(t0), float(t1)
+        window.append(float(value))
+    t0, t1 = window
     if t1 > sde.T:
         raise ValueError(
             f"t1={t1} is past the SDE's end time T={sde.T}: the prior is the marginal at T only; "

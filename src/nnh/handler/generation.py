@@ -35,9 +35,16 @@ from nnh.distributed.ddp import (
     sharded_eval_loader,
     trim_batch,
 )
+from nnh.generative.adaptive import check_tolerance
 from nnh.generative.checks import check_data, check_sample_shape
 from nnh.generative.divergence import PROBE_KINDS, fresh_probes
-from nnh.generative.likelihood import log_likelihood_ode
+from nnh.generative.likelihood import (
+    check_divergence,
+    check_exact_size,
+    check_finite_input,
+    check_likelihood_method,
+    log_likelihood_ode,
+)
 from nnh.generative.samplers import check_sampler_options, sample_sde
 from nnh.generative.sampling import check_steps
 from nnh.handler.data import fast_loader, move_to_device
@@ -56,6 +63,7 @@ __all__ = [
 
 NOISE_TYPES = (*PROBE_KINDS, "exact")
 DATASET_BATCH = 256  # batch size for a Dataset given to log_likelihood
+DOPRI5_MAX_ATTEMPTS = 1000  # ode_steps's default for method='dopri5': the most step attempts
 
 
 def progress_flag(pbar: bool, verbose: int | bool | None) -> bool:
@@ -234,7 +242,30 @@ def handler_sample(
 
 
 # ---------------------------------------------------------------- likelihood
-def _check_likelihood_options(n_cotangent_vectors: Any, noise_type: Any) -> None:
+def _check_likelihood_options(
+    n_cotangent_vectors: Any,
+    noise_type: Any,
+    method: Any,
+    ode_steps: Any,
+    rtol: Any,
+    atol: Any,
+    divergence: Any,
+) -> tuple[str, int, float, float, str]:
+    method = check_likelihood_method(method)
+    if ode_steps is None and method != "dopri5":
+        raise ValueError(
+            f"ode_steps is required for method={method!r} (the number of fixed steps); only "
+            f"method='dopri5' chooses its steps (there ode_steps is the most step attempts, "
+            f"default {DOPRI5_MAX_ATTEMPTS})"
+        )
+    ode_steps = DOPRI5_MAX_ATTEMPTS if ode_steps is None else ode_steps
+    if isinstance(ode_steps, bool) or not isinstance(ode_steps, int) or ode_steps < 1:
+        raise ValueError(
+            f"ode_steps must be an integer >= 1 (fixed steps; for dopri5 the most step "
+            f"attempts), got {ode_steps!r}"
+        )
+    rtol, atol = check_tolerance("rtol", rtol), check_tolerance("atol", atol)
+    divergence = check_divergence(divergence)
     if (
         isinstance(n_cotangent_vectors, bool)
         or not isinstance(n_cotangent_vectors, int)
@@ -246,6 +277,7 @@ def _check_likelihood_options(n_cotangent_vectors: Any, noise_type: Any) -> None
             f"noise_type={noise_type!r}: use 'rademacher' or 'gaussian' (Hutchinson probes) or "
             f"'exact' (the exact divergence, D vector-Jacobian products per evaluation)"
         )
+    return method, ode_steps, rtol, atol, "exact" if noise_type == "exact" else divergence
 
 
 class _Likelihood:
@@ -256,7 +288,8 @@ class _Likelihood:
 
     def __call__(self, x: torch.Tensor, args: tuple[Any, ...], progress: Any) -> torch.Tensor:
         o = self.o
-        if o["noise_type"] == "exact":
+        if o["divergence"] == "exact":
+            check_exact_size(x)
             probes: Any = None
         else:
             draw = fresh_probes(
@@ -268,9 +301,21 @@ class _Likelihood:
             )
             probes = draw if o["fresh"] else draw(0)
         handler = self.handler
+        check_finite_input(x)
+
+        def score(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            out = handler.score(t, y, *args)
+            if out.shape != y.shape:
+                raise ValueError(
+                    f"the model's score (NNHandler.score(t, x, *condition)) came back with shape "
+                    f"{tuple(out.shape)} for x of shape {tuple(y.shape)}; a score model must "
+                    f"return a tensor shaped like x"
+                )
+            return out
+
         return log_likelihood_ode(
             handler.sde,
-            lambda t, y: handler.score(t, y, *args),
+            score,
             x,
             steps=o["ode_steps"],
             probes=probes,
@@ -279,6 +324,8 @@ class _Likelihood:
             t1=o["t1"],
             progress=progress,
             differentiable=o["differentiable"],
+            rtol=o["rtol"],
+            atol=o["atol"],
         )
 
 
@@ -299,7 +346,8 @@ def _loader_log_likelihood(
     dist = handler._dist
     loader = sharded_eval_loader(loader, dist)
     shard = ShardCounter(real_samples(loader))
-    total = compute.o["ode_steps"] * len(loader)
+    adaptive = compute.o["method"] == "dopri5"
+    total = None if adaptive else compute.o["ode_steps"] * len(loader)
     progress = tqdm(
         total=total,
         desc="Log-likelihood",
@@ -332,7 +380,7 @@ def handler_log_likelihood(
     x: Any,
     args: tuple[Any, ...],
     *,
-    ode_steps: int,
+    ode_steps: int | None,
     n_cotangent_vectors: int = 1,
     noise_type: str = "rademacher",
     method: str = "Euler",
@@ -343,15 +391,29 @@ def handler_log_likelihood(
     verbose: int | bool | None = None,
     fresh_probes: bool = True,
     differentiable: bool = False,
+    divergence: str = "hutchinson",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
 ) -> torch.Tensor | None:
-    """``NNHandler.log_likelihood``: see its docstring. Checks every argument before any work."""
+    """``NNHandler.log_likelihood``: see its docstring. Checks every argument before any work.
+
+    ``method='dopri5'``: adaptive Dormand-Prince 5(4) in the noise level with a step size per
+    sample, ``rtol``/``atol`` on the state and the log-density; ``ode_steps`` is the most step
+    attempts (default 1000; a named error when a sample needs more). ``divergence='exact'``
+    (or ``noise_type='exact'``) takes the exact trace for samples of at most 256 entries;
+    ``'hutchinson'`` (the default) uses ``n_cotangent_vectors`` probes of ``noise_type``.
+    """
     handler._require_sde("log_likelihood")
-    check_steps(ode_steps)
-    _check_likelihood_options(n_cotangent_vectors, noise_type)
+    method, ode_steps, rtol, atol, divergence = _check_likelihood_options(
+        n_cotangent_vectors, noise_type, method, ode_steps, rtol, atol, divergence
+    )
     show = progress_flag(pbar, verbose)
     is_data = isinstance(x, (Dataset, DataLoader))
     if not is_data:
         check_data(x)
+        if divergence == "exact":
+            check_exact_size(x)
+        check_finite_input(x)
     dist = handler._dist
     if not is_data and not dist.is_main:
         return None
@@ -368,13 +430,16 @@ def handler_log_likelihood(
         t0=t0,
         t1=t1,
         differentiable=differentiable,
+        divergence=divergence,
+        rtol=rtol,
+        atol=atol,
     )
     with _EvalSession(handler, apply_ema):
         if is_data:
             loader = x if isinstance(x, DataLoader) else DataLoader(x, batch_size=DATASET_BATCH)
             return _loader_log_likelihood(handler, loader, args, compute, show)
         progress = tqdm(
-            total=ode_steps,
+            total=None if method == "dopri5" else ode_steps,
             desc="Log-likelihood",
             disable=not show or not interactive(),
             dynamic_ncols=True,

@@ -1082,7 +1082,7 @@ class NNHandler:
         self,
         x: torch.Tensor | Dataset | DataLoader,
         *args: Any,
-        ode_steps: int,
+        ode_steps: int | None = None,
         n_cotangent_vectors: int = 1,
         noise_type: str = "rademacher",
         method: str = "Euler",
@@ -1093,6 +1093,9 @@ class NNHandler:
         verbose: int | bool | None = None,
         fresh_probes: bool = True,
         differentiable: bool = False,
+        divergence: str = "hutchinson",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
     ) -> torch.Tensor | None:
         """log p(x) in nats per sample via the probability-flow ODE and Hutchinson's estimator.
 
@@ -1102,8 +1105,10 @@ class NNHandler:
         ``n_cotangent_vectors`` probes of ``noise_type`` (``'rademacher'`` or ``'gaussian'``;
         ``'exact'`` for the exact divergence) are drawn afresh at every ODE step (``fresh_probes=False``: once, for the whole
         trajectory), all batched in one vector-Jacobian product per drift evaluation.
-        ``method``: ``'Euler'`` (``ode_steps`` evaluations), ``'Heun'`` (``2 * ode_steps``) or
-        ``'RK4'`` (``4 * ode_steps``). ``t0``/``t1`` default to ``sde.epsilon``/``sde.T``.
+        ``method`` (any case): ``'Euler'`` (``ode_steps`` evaluations), ``'Heun'`` (``2 * ode_steps``),
+        ``'RK4'`` (``4 * ode_steps``) or ``'dopri5'`` (adaptive to ``rtol``/``atol``, ``ode_steps``
+        = the most step attempts, default 1000). ``divergence='exact'``: the exact trace (samples
+        of <= 256 entries). ``t0``/``t1`` (numbers or 0-d tensors) default to ``sde.epsilon``/``sde.T``.
         ``verbose`` (score_models' keyword) overrides ``pbar``. Memory does not grow with
         ``ode_steps``; ``differentiable=True`` keeps the graph (use ``apply_ema=False``).
         See :mod:`nnh.handler.generation`.
@@ -1137,6 +1142,9 @@ class NNHandler:
             verbose=verbose,
             fresh_probes=fresh_probes,
             differentiable=differentiable,
+            divergence=divergence,
+            rtol=rtol,
+            atol=atol,
         )
 
     # ------------------------------------------------------------------ utilities
