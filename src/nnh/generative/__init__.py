@@ -35,6 +35,7 @@ from nnh.generative.steps import (
     probability_flow_drift,
 )
 from nnh.generative.time_grid import TIME_GRIDS, edm_grid, logsnr_grid, time_grid, uniform_grid
+from nnh.generative.unipc import UniPCHistory, unipc_step
 
 __all__ = [
     "MULTISTEP_METHODS",
@@ -47,6 +48,7 @@ __all__ = [
     "VPSDE",
     "MultistepHistory",
     "SubVPSDE",
+    "UniPCHistory",
     "denoising_score_matching_loss",
     "dpm_solver_pp_step",
     "edm_grid",
@@ -68,5 +70,6 @@ __all__ = [
     "time_grid",
     "tweedie_denoise",
     "uniform_grid",
+    "unipc_step",
     "value_and_divergence",
 ]
