@@ -13,24 +13,30 @@ from hypothesis import strategies as st
 from test_multistep_laws import DIM, SDES, _observed_order, correlated, gaussian_score
 from test_sde_laws import any_sde, snapshot, unchanged
 
+from nnh.generative import VESDE
 from nnh.generative.time_grid import logsnr_grid, noise_level
 from nnh.generative.unipc import UniPCHistory, unipc_step
 
 F64 = torch.float64
+BH = ("bh1", "bh2")
 seeds = st.integers(0, 2**31 - 1)
 
 
-def solve(sde, score, x, times, order: int, final_order: int | None = None) -> torch.Tensor:
+def solve(
+    sde, score, x, times, order: int, final_order: int | None = None, variant: str = "bh2"
+) -> torch.Tensor:
     history = UniPCHistory()
     for i, (a, b) in enumerate(itertools.pairwise(times)):
         last = final_order if i == len(times) - 2 else None
-        x, history = unipc_step(sde, score, a, b, x, history, order, last)
+        x, history = unipc_step(sde, score, a, b, x, history, order, last, variant)
     return x
 
 
 @settings(max_examples=25, deadline=None)
-@given(any_sde, seeds, st.sampled_from([1, 2, 3]), st.integers(2, 8))
-def test_unipc_is_exact_when_the_data_are_a_point(sde, seed, order, steps):
+@given(
+    any_sde, seeds, st.sampled_from([1, 2, 3]), st.integers(2, 8), st.sampled_from(["bh1", "bh2"])
+)
+def test_unipc_is_exact_when_the_data_are_a_point(sde, seed, order, steps, variant):
     m = torch.tensor([0.7, -1.3], dtype=F64)
 
     def score(t, x):
@@ -40,7 +46,7 @@ def test_unipc_is_exact_when_the_data_are_a_point(sde, seed, order, steps):
     times = logsnr_grid(sde, steps, sde.epsilon)
     x = torch.randn(4, 2, generator=torch.Generator().manual_seed(seed), dtype=F64)
     x = sde.mu(torch.tensor(sde.T, dtype=F64)) * m + x
-    out = solve(sde, score, x, times, order)
+    out = solve(sde, score, x, times, order, variant=variant)
     t0, t1 = (torch.tensor(v, dtype=F64) for v in (times[0], times[-1]))
     ratio = noise_level(sde, t1) / noise_level(sde, t0)
     want = sde.mu(t1) * (m + ratio * (x / sde.mu(t0) - m))
@@ -116,3 +122,25 @@ def test_a_first_order_final_step_is_the_exponential_euler_step(sde, seed):
     lam_ratio = noise_level(sde, t1) / noise_level(sde, t0)
     torch.testing.assert_close(out, ratio * x_c + sde.mu(t1) * (1 - lam_ratio) * d)
     assert corrected.shape == out.shape
+
+
+@settings(max_examples=10, deadline=None)
+@given(any_sde, seeds)
+def test_the_variants_differ_only_where_unipc_fixes_rho(sde, seed):
+    # B(h) cancels wherever rho is solved from the order conditions (order-3 predictor after
+    # its warm-up); it shows where UniPC fixes rho = 1/2 (order-2 predictor, order-1 corrector)
+    lam, q = correlated()
+    score = gaussian_score(sde, lam, q)
+    x = torch.randn(3, DIM, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    times = logsnr_grid(VESDE(), 6, 1e-5)
+    two = [solve(VESDE(), gaussian_score(VESDE(), lam, q), x, times, 2, variant=v) for v in BH]
+    assert not torch.allclose(two[0], two[1], rtol=1e-6, atol=0)
+    times = logsnr_grid(sde, 6, sde.epsilon)
+    x = x * float(noise_level(sde, torch.tensor(sde.T)) * sde.mu(torch.tensor(sde.T)))
+    hist = {}
+    for v in BH:
+        y, h = x, UniPCHistory()
+        for a, b in itertools.pairwise(times[:3]):
+            y, h = unipc_step(sde, score, a, b, y, h, 2, variant="bh2")
+        hist[v] = unipc_step(sde, score, times[2], times[3], y, h, 3, variant=v)[0]
+    torch.testing.assert_close(hist["bh1"], hist["bh2"], rtol=1e-10, atol=1e-12)

@@ -58,7 +58,8 @@ def test_unipc_converges_to_the_flow_of_rk4_and_beats_dpm_solver(sde_class):
 
 def test_the_last_steps_are_first_order():
     assert LOW_ORDER_FINAL_STEPS == 2
-    assert [step_order(3, i, 6) for i in range(6)] == [3, 3, 3, 3, 1, 1]
+    assert [step_order(2, i, 6) for i in range(6)] == [2, 2, 2, 2, 1, 1]
+    assert [step_order(3, i, 6) for i in range(6)] == [3] * 6
 
 
 def test_first_order_final_steps_keep_the_narrow_modes_width_on_vp_at_20_calls():
@@ -77,6 +78,7 @@ def test_first_order_final_steps_keep_the_narrow_modes_width_on_vp_at_20_calls()
         ({"order": True}, "order must be 1, 2 or 3, got True"),
         ({"final_order": 0}, "final_order must be None, 1, 2 or 3, got 0"),
         ({"t_next": 0.9}, "need finite times t_next < t"),
+        ({"variant": "BH3"}, "variant must be 'bh1' or 'bh2', got 'BH3'"),
         ({"t": float("nan")}, "need finite times t_next < t"),
     ],
 )

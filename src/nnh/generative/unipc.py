@@ -50,18 +50,23 @@ def _level(sde: SDE, t: float) -> tuple[float, float, float]:
     return mu, sigma, sigma / mu
 
 
-def _coefficients(h: float, order: int) -> tuple[list[float], float]:
+def _b_h(h: float, variant: str) -> float:
+    """UniPC's ``B(h)`` at the step ``-h``: ``e^{-h} - 1`` (bh2) or ``-h`` (bh1)."""
+    return math.expm1(-h) if variant == "bh2" else -h
+
+
+def _coefficients(h: float, order: int, variant: str) -> list[float]:
     """``(b, B_h)`` of the order conditions: ``b_i = i! h_phi_(i+1)(-h) / B_h`` for ``i < order``."""
     hh = -h
     h_phi_1 = math.expm1(hh)  # e^{-h} - 1
     h_phi_k = h_phi_1 / hh - 1
-    b_h = math.expm1(hh)  # bh2
+    b_h = _b_h(h, variant)
     b, factorial = [], 1
     for i in range(1, order + 1):
         b.append(h_phi_k * factorial / b_h)
         factorial *= i + 1
         h_phi_k = h_phi_k / hh - 1 / factorial
-    return b, b_h
+    return b
 
 
 def _solve(rks: list[float], b: list[float]) -> list[float]:
@@ -78,12 +83,13 @@ def _update(
     ratio: float,
     mu_t: float,
     h: float,
+    variant: str,
 ) -> torch.Tensor:
-    """``ratio x + mu_t (1 - e^{-h}) (m0 + sum rho_k D1_k)`` (``-mu_t B_h`` with B_h = e^{-h} - 1)."""
-    phi1 = -math.expm1(-h)
-    out = ratio * x + mu_t * phi1 * m0
+    """``ratio x + mu_t (1 - e^{-h}) m0 - mu_t B(h) sum rho_k D1_k``."""
+    out = ratio * x + mu_t * -math.expm1(-h) * m0
+    scale = -mu_t * _b_h(h, variant)
     for rho, d in zip(rhos, diffs):
-        out = out + (mu_t * phi1 * rho) * d
+        out = out + (scale * rho) * d
     return out
 
 
@@ -108,13 +114,15 @@ def unipc_step(
     history: UniPCHistory | None = None,
     order: int = 2,
     final_order: int | None = None,
+    variant: str = "bh2",
 ) -> tuple[torch.Tensor, UniPCHistory]:
     """One UniPC step: correct ``x`` at ``t`` (when there is history), then predict ``t_next < t``.
 
     Returns ``(x_next, new_history)``. Calls ``score_fn`` once, with ``t`` as a tensor of
     shape ``[B]``: its denoised value corrects ``x`` (UniC, of the order the last predictor
     used) and drives the predictor (UniP) of order ``min(order, 1 + len(history.denoised))``,
-    or ``final_order`` when given (a lower-order last step). When ``lambda(t_next) = 0`` the
+    or ``final_order`` when given (a lower-order last step). ``variant``: UniPC's ``B(h)``,
+    ``"bh2"`` (``e^h - 1``; order 2 is then DPM-Solver++(2M)'s predictor) or ``"bh1"`` (``h``). When ``lambda(t_next) = 0`` the
     step returns the (corrected) denoised value. Exact when the data are a point.
 
     Example:
@@ -129,6 +137,8 @@ def unipc_step(
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
     if final_order is not None and (isinstance(final_order, bool) or final_order not in (1, 2, 3)):
         raise ValueError(f"final_order must be None, 1, 2 or 3, got {final_order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
     if not (math.isfinite(t) and math.isfinite(t_next) and t_next < t):
         raise ValueError(f"need finite times t_next < t, got t={t!r}, t_next={t_next!r}")
     history = UniPCHistory() if history is None else history
@@ -140,7 +150,7 @@ def unipc_step(
     denoised = (x + sigma0 * sigma0 * score_fn(tt, x)) / mu0
     log_lam = math.log(lam0)
     if history.x_prev is not None and history.order >= 1:
-        x = _correct(history, denoised, log_lam, mu0, sigma0)
+        x = _correct(history, denoised, log_lam, mu0, sigma0, variant)
     new_history_denoised = (denoised, *history.denoised[:2])
     new_levels = (log_lam, *history.log_levels[:2])
     use = min(order if final_order is None else final_order, 1 + len(history.denoised))
@@ -153,14 +163,18 @@ def unipc_step(
     elif use == 2:
         rhos = [0.5]
     else:
-        b, _ = _coefficients(h, use)
-        rhos = _solve(rks, b)
-    x_next = _update(x, denoised, diffs, rhos, sigma1 / sigma0, mu1, h)
+        rhos = _solve(rks, _coefficients(h, use, variant))
+    x_next = _update(x, denoised, diffs, rhos, sigma1 / sigma0, mu1, h, variant)
     return x_next, UniPCHistory(new_history_denoised, new_levels, x, use, sigma0)
 
 
 def _correct(
-    history: UniPCHistory, model_t: torch.Tensor, log_t: float, mu_t: float, sigma_t: float
+    history: UniPCHistory,
+    model_t: torch.Tensor,
+    log_t: float,
+    mu_t: float,
+    sigma_t: float,
+    variant: str,
 ) -> torch.Tensor:
     """UniC: re-take the last step from ``history.x_prev`` now that ``D(x_t)`` is known."""
     log_s0 = history.log_levels[0]
@@ -170,7 +184,7 @@ def _correct(
     if history.order == 1:
         rhos = [0.5]
     else:
-        b, _ = _coefficients(h, history.order)
-        rhos = _solve([*rks, 1.0], b)
+        rhos = _solve([*rks, 1.0], _coefficients(h, history.order, variant))
     diffs = [*diffs, model_t - m0]  # D1_t, at r = 1
-    return _update(history.x_prev, m0, diffs, rhos, sigma_t / history.sigma_prev, mu_t, h)
+    ratio = sigma_t / history.sigma_prev
+    return _update(history.x_prev, m0, diffs, rhos, ratio, mu_t, h, variant)
