@@ -203,8 +203,9 @@ def sample_sde(
     ``method``: ``"em"`` (reverse-SDE Euler-Maruyama; the last step returns its noise-free
     mean), ``"pc"`` (at each time ``corrector_steps`` Langevin steps with signal-to-noise
     ratio ``snr``, then the EM predictor; Song et al. 2021), ``"ode"`` (the probability-flow
-    ODE with ``ode_method`` ``"Euler"``/``"Heun"``/``"RK4"``: deterministic given the prior
-    sample). ``time_grid``: ``"uniform"`` or ``"edm"`` (:func:`~nnh.generative.time_grid.edm_grid`).
+    ODE with ``ode_method`` ``"Euler"``/``"Heun"``/``"RK4"`` or the one-call-per-step
+    ``"dpm++2m"``/``"dpm++3m"``/``"unipc"``, whose order-2 methods take their last two steps
+    at first order: deterministic given the prior sample). ``time_grid``: ``"uniform"`` or ``"edm"`` (:func:`~nnh.generative.time_grid.edm_grid`).
     ``denoise``: finish with Tweedie's step :func:`~nnh.generative.sampler_steps.tweedie_denoise`
     at ``t_end``. ``guidance_fn(t, x)`` times ``guidance_factor`` is added to every score.
 
