@@ -26,7 +26,7 @@ from nnh.generative.samplers import sample_sde
 from nnh.generative.time_grid import noise_level
 
 NNH_ROWS = [("Euler", "edm"), ("Heun", "edm"), ("RK4", "edm"), ("dpm++2m", "edm"),
-            ("dpm++2m", "logsnr"), ("dpm++3m", "edm")]  # fmt: skip
+            ("dpm++2m", "logsnr"), ("dpm++3m", "edm"), ("unipc", "edm")]  # fmt: skip
 KD_ROWS = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_dpmpp_2m", "sample_dpmpp_3m_sde"]
 CALLS = (10, 20, 40)
 

@@ -37,6 +37,7 @@ from nnh.generative.steps import (
     probability_flow_drift,
 )
 from nnh.generative.time_grid import TIME_GRIDS, edm_grid, logsnr_grid, time_grid, uniform_grid
+from nnh.generative.unipc import UniPCHistory, unipc_step
 
 __all__ = [
     "DIVERGENCES",
@@ -52,6 +53,7 @@ __all__ = [
     "Dopri5State",
     "MultistepHistory",
     "SubVPSDE",
+    "UniPCHistory",
     "denoising_score_matching_loss",
     "dopri5_solve",
     "dopri5_start",
@@ -78,5 +80,6 @@ __all__ = [
     "time_of_level",
     "tweedie_denoise",
     "uniform_grid",
+    "unipc_step",
     "value_and_divergence",
 ]

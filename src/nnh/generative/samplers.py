@@ -28,6 +28,7 @@ from nnh.generative.multistep import (
     MultistepHistory,
     dpm_solver_pp_step,
     multistep_order,
+    step_order,
 )
 from nnh.generative.sampler_steps import (
     langevin_corrector_step,
@@ -45,6 +46,7 @@ from nnh.generative.steps import (
 )
 from nnh.generative.time_grid import check_time_grid
 from nnh.generative.time_grid import time_grid as make_time_grid
+from nnh.generative.unipc import UniPCHistory, unipc_step
 from nnh.warn import warn as nnh_warn
 
 __all__ = [
@@ -59,7 +61,7 @@ SAMPLE_METHODS = ("em", "pc", "ode")
 
 
 def canonical_ode_method(ode_method: str) -> str:
-    """``"Euler"``/``"Heun"``/``"RK4"`` or ``"dpm++2m"``/``"dpm++3m"``, any case; else a named error.
+    """``"Euler"``/``"Heun"``/``"RK4"`` or ``"dpm++2m"``/``"dpm++3m"``/``"unipc"``, any case; else a named error.
 
     Example:
         >>> canonical_ode_method("DPM++2M"), canonical_ode_method("rk4")
@@ -201,8 +203,9 @@ def sample_sde(
     ``method``: ``"em"`` (reverse-SDE Euler-Maruyama; the last step returns its noise-free
     mean), ``"pc"`` (at each time ``corrector_steps`` Langevin steps with signal-to-noise
     ratio ``snr``, then the EM predictor; Song et al. 2021), ``"ode"`` (the probability-flow
-    ODE with ``ode_method`` ``"Euler"``/``"Heun"``/``"RK4"``: deterministic given the prior
-    sample). ``time_grid``: ``"uniform"`` or ``"edm"`` (:func:`~nnh.generative.time_grid.edm_grid`).
+    ODE with ``ode_method`` ``"Euler"``/``"Heun"``/``"RK4"`` or the one-call-per-step
+    ``"dpm++2m"``/``"dpm++3m"``/``"unipc"``, whose order-2 methods take their last two steps
+    at first order: deterministic given the prior sample). ``time_grid``: ``"uniform"`` or ``"edm"`` (:func:`~nnh.generative.time_grid.edm_grid`).
     ``denoise``: finish with Tweedie's step :func:`~nnh.generative.sampler_steps.tweedie_denoise`
     at ``t_end``. ``guidance_fn(t, x)`` times ``guidance_factor`` is added to every score.
 
@@ -255,6 +258,13 @@ def sample_sde(
     return x
 
 
+def _detached(history: MultistepHistory | UniPCHistory) -> MultistepHistory | UniPCHistory:
+    denoised = tuple(d.detach() for d in history.denoised)
+    if isinstance(history, UniPCHistory) and history.x_prev is not None:
+        return history._replace(denoised=denoised, x_prev=history.x_prev.detach())
+    return history._replace(denoised=denoised)
+
+
 def _integrate(
     sde: SDE,
     score: ScoreFn,
@@ -278,17 +288,16 @@ def _integrate(
     def noise() -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    history = MultistepHistory()
+    history = UniPCHistory() if ode_method == "unipc" else MultistepHistory()
     for i in range(steps):
         t_i, dt = times[i], times[i] - times[i + 1]
         t = torch.full((shape[0],), t_i, dtype=x.dtype, device=x.device)
         last = i == steps - 1
         if method == "ode" and ode_method in MULTISTEP_METHODS:
-            order = multistep_order(ode_method)
-            x_next, history = dpm_solver_pp_step(sde, score, t_i, times[i + 1], x, history, order)
-            history = MultistepHistory(
-                tuple(d.detach() for d in history.denoised), history.log_levels
-            )
+            order = step_order(multistep_order(ode_method), i, steps)
+            step = unipc_step if ode_method == "unipc" else dpm_solver_pp_step
+            x_next, history = step(sde, score, t_i, times[i + 1], x, history, order)
+            history = _detached(history)
         elif method == "ode":
             x_next = probability_flow_step(sde, score, t, x, dt, ode_method)
         else:

@@ -1038,7 +1038,7 @@ class NNHandler:
         (default): Euler-Maruyama, one model call per step, the last step noise-free.
         ``"pc"``: ``corrector_steps`` Langevin steps (``snr``) before each EM step.
         ``"ode"``: the probability-flow ODE with ``ode_method`` (``"Euler"``, ``"Heun"``,
-        ``"RK4"``, or the one-call-per-step ``"dpm++2m"``/``"dpm++3m"``). ``time_grid``:
+        ``"RK4"``, or the one-call-per-step ``"dpm++2m"``/``"dpm++3m"``/``"unipc"``). ``time_grid``:
         ``"uniform"``, ``"edm"`` or ``"logsnr"``; names are case-insensitive; ``denoise``
         (a bool): a final Tweedie step. Noise comes from the global generator (seed it with ``handler.seed``). Under
         DDP every rank must call it: the ``shape[0]`` samples are split across ranks and
