@@ -19,10 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from nnh.callbacks.base import Callback
 from nnh.checkpoint.background import BackgroundWriter, SaveHandle
-from nnh.checkpoint.ownership import new_run_id
 from nnh.checkpoint.pacing import pacing_from_env
 from nnh.core import (
-    LossScaler,
     OptimizerAdapter,
     TrainState,
 )
@@ -37,6 +35,7 @@ from nnh.handler.data import make_loader
 from nnh.handler.devices import check_device
 from nnh.handler.ensemble import Ensemble, check_ensemble_size
 from nnh.handler.enums import LoggingMode, ModelType
+from nnh.handler.fields import init_fields
 from nnh.handler.foreign_data import guard_restored_data
 from nnh.handler.history import History
 from nnh.handler.logs import make_logger
@@ -117,38 +116,7 @@ class NNHandler:
         if check_seed(seed) is not None:
             self.seed = seed  # before the model is built: seeds its initial weights
         self._model_type = ModelType.from_string(model_type)
-        self._module: nn.Module | None = None
-        self._model: nn.Module | None = None
-        self._model_class: type[nn.Module] | None = None
-        self._model_kwargs: dict[str, Any] = {}
-        self._save_model_code = save_model_code
-        self._compile_kwargs: dict[str, Any] | None = None
-        self._optimizer_spec: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None
-        self._adapter: OptimizerAdapter | None = None
-        self._scheduler_spec: tuple[type, dict[str, Any]] | None = None
-        self._scheduler: Any = None
-        self._loss_fn: Callable[..., torch.Tensor] | None = None
-        self._loss_fn_kwargs: dict[str, Any] = {}
-        self._pass_epoch_to_loss = False
-        self._train_loader: DataLoader | None = None
-        self._val_loader: DataLoader | None = None
-        self._loader_kwargs: dict[str, dict[str, Any]] = {}
-        self._metrics: dict[str, Callable[[Any, Any], Any]] = {}
-        self._callbacks: list[Callback] = []
-        self._history = History()
-        self._state: TrainState | None = None
-        self._loss_scaler_config = LossScaler()
-        self._keep_eval: list[nn.Module] = []
-        self._sde: Any = None
-        self._sampler: Any = None
-        self._auto_saver = AutoSaver()
-        self._last_train_kwargs: dict[str, Any] | None = None
-        self._resume: dict[str, Any] | None = None
-        self._epoch_start_rng: dict[str, Any] | None = None
-        self._target_epoch = 0
-        self._run_id = new_run_id()
-        self._saves: BackgroundWriter | None = None
-        self.stop_training = False
+        init_fields(self, save_model_code)
         self.set_model(
             model_class,
             save_model_code=save_model_code,
