@@ -22,7 +22,15 @@ import attrs
 import torch
 from torch import nn
 
-__all__ = ["STRATEGIES", "FSDPOptions", "check_strategy", "materialize_sharded", "shard_module"]
+__all__ = [
+    "STRATEGIES",
+    "FSDPOptions",
+    "check_strategy",
+    "materialize_sharded",
+    "plain_class",
+    "set_amp_precision",
+    "shard_module",
+]
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -230,3 +238,70 @@ def _full_copy(tmpl: nn.Module) -> nn.Module:
             f"every module with parameters of its own; {type(tmpl).__name__} has none"
         )
     return shallow
+
+
+def set_amp_precision(
+    module: nn.Module, options: FSDPOptions | None, amp_dtype: torch.dtype | None
+) -> torch.dtype | None:
+    """Follow ``train(use_amp=...)`` with FSDP mixed precision; returns the units' param dtype.
+
+    Under FSDP, when the options name no ``param_dtype``, every unit gathers its parameters
+    in the autocast dtype ``use_amp`` asks for (bf16 for ``use_amp=True`` on CPU and for
+    ``"bf16"``) and reduces gradients in ``reduce_dtype`` (float32 unless set); the sharded
+    master weights and the optimizer state stay in their own dtype. A later ``train()``
+    without ``use_amp`` goes back to full precision. ``fully_shard`` runs when the handler is
+    built, before ``use_amp`` is known, so the units' policy is updated in place here (FSDP2
+    reads it at its lazy init and at every all-gather). Anything else: no change, ``None``.
+
+    Example:
+        >>> set_amp_precision(nn.Linear(2, 1), FSDPOptions(), torch.bfloat16) is None
+        True
+    """
+    if (
+        options is None
+        or options.param_dtype is not None
+        or not getattr(module, "_nnh_fsdp", False)
+    ):
+        return None
+    if getattr(module, "_nnh_amp_dtype", None) == amp_dtype:
+        return amp_dtype
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
+
+    reduce = options.reduce_dtype
+    if amp_dtype is not None and reduce is None:
+        reduce = torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=reduce)
+    for unit in module.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        state = unit._get_fsdp_state()
+        state._mp_policy = policy
+        for group in state._fsdp_param_groups:
+            if not group.is_sharded:
+                group.reshard()
+            group.mp_policy = policy
+            for param in group.fsdp_params:
+                param.mp_policy = policy
+                # gather buffers of the old dtype are made again on the next all-gather
+                param.all_gather_outputs = []
+                if hasattr(param, "_unsharded_param"):
+                    del param._unsharded_param
+            group._init_mp_dtypes()
+    module._nnh_amp_dtype = amp_dtype  # type: ignore[attr-defined]
+    return amp_dtype
+
+
+def plain_class(module: nn.Module) -> type[nn.Module]:
+    """The model's own class: ``fully_shard`` swaps a module's class for a generated
+    ``FSDP<Name>(FSDPModule, <Name>)``, which cannot be recorded by import path.
+
+    Example:
+        >>> plain_class(nn.Linear(2, 1)).__name__
+        'Linear'
+    """
+    cls = type(module)
+    from torch.distributed.fsdp import FSDPModule
+
+    if issubclass(cls, FSDPModule) and FSDPModule in cls.__bases__:
+        return next(b for b in cls.__bases__ if b is not FSDPModule)
+    return cls

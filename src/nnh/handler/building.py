@@ -56,7 +56,8 @@ def build_module(
                 module = construct(h, model_class, model_kwargs)
         except Exception:  # a constructor that needs real tensors: built for real below
             module = None
-        if module is not None and check_meta_model(module, *supplied):
+        sharded = h._fsdp is not None and h._dist.enabled  # FSDP: built sharded, then loaded
+        if module is not None and check_meta_model(module, *supplied) and not sharded:
             module._nnh_meta_init = True  # type: ignore[attr-defined]
             return module  # every tensor comes from the checkpoint: no init needed
     if h._fsdp is not None and h._dist.enabled:

@@ -48,6 +48,7 @@ from nnh.generative.likelihood import (
 from nnh.generative.samplers import check_sampler_options, sample_sde
 from nnh.generative.sampling import check_steps
 from nnh.handler.data import fast_loader, move_to_device
+from nnh.handler.full_state import is_sharded
 from nnh.handler.inference import ema_weights
 from nnh.handler.progress import interactive
 from nnh.handler.train_setup import train_mode
@@ -415,7 +416,8 @@ def handler_log_likelihood(
             check_exact_size(x)
         check_finite_input(x)
     dist = handler._dist
-    if not is_data and not dist.is_main:
+    everywhere = is_sharded(handler.module)  # FSDP: every rank joins the model's all-gathers
+    if not is_data and not dist.is_main and not everywhere:
         return None
     device = handler.device
     args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
@@ -448,4 +450,6 @@ def handler_log_likelihood(
             out = compute(x.to(device), args, progress)
         finally:
             progress.close()
+    if not dist.is_main:
+        return None  # FSDP: rank 0's result (every rank computed the same tensor)
     return out if differentiable else out.detach()

@@ -67,6 +67,7 @@ from nnh.checkpoint.sections import (
 from nnh.checkpoint.signing import is_own
 from nnh.core.tree import flat_td
 from nnh.handler.building import wrap_module
+from nnh.handler.full_state import load_full_weights, shard_like_params, shard_optimizer_state
 from nnh.handler.logs import logging_options
 from nnh.handler.persistence import restore_rng
 from nnh.warn import warn as nnh_warn
@@ -322,8 +323,13 @@ def load_handler(
     trust_model_code: bool,
     trusted: Any = None,
     trust_modules: Any = None,
+    strategy: str | None = None,
+    fsdp: dict[str, Any] | None = None,
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
+    sharding = (
+        {} if strategy is None and fsdp is None else {"strategy": strategy or "ddp", "fsdp": fsdp}
+    )
     from nnh.handler.building import CHECKPOINT_TENSORS
 
     payload = load_checkpoint(path, map_location="cpu")
@@ -357,6 +363,7 @@ def load_handler(
                 model_type=model["type"],
                 save_model_code=model.get("source") is not None,
                 ensemble_size=ensemble_size,
+                **sharding,
                 **log_options,
                 **model["kwargs"],
             )
@@ -408,8 +415,8 @@ def _load_weights(h: NNHandler, weights: dict[str, Any], path: str, strict_load:
         del module._nnh_meta_init
         module.to(h.device)
         h._model = wrap_module(h, module)
-    else:
-        load_model_state(module, weights, strict=strict_load, source=path)
+    else:  # an FSDP module takes its shards of the full weights
+        load_full_weights(module, weights, strict=strict_load, source=path)
 
 
 def _restore_model(h: NNHandler, payload: dict[str, Any], path: str, strict_load: bool) -> None:
@@ -508,7 +515,9 @@ def _restore_optimization(
                 type(optimizer) if registered else None,  # probe only registry optimizers
             )
             try:
-                optimizer.load_state_dict(rec["state_dict"])
+                optimizer.load_state_dict(
+                    shard_optimizer_state(h.module, optimizer, rec["state_dict"])
+                )
             except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
                 raise CheckpointError(
                     f"{path}: the optimizer state does not fit the model ({str(err)[:200]}); "
@@ -770,7 +779,7 @@ def _restore_train_state(
     device = h.device
 
     def td(tensors: dict[str, Any] | None) -> Any:
-        return None if tensors is None else flat_td({k: v.to(device) for k, v in tensors.items()})
+        return None if tensors is None else flat_td(shard_like_params(h.module, tensors, device))
 
     state = attrs.evolve(
         state,
@@ -804,7 +813,7 @@ def initialize_handler(
         >>> h.module.out_features
         1
     """
-    from nnh.checkpoint import load_model_state, load_weights_file, strip_wrapper_prefixes
+    from nnh.checkpoint import load_weights_file, strip_wrapper_prefixes
     from nnh.handler.enums import ModelType
 
     weights = load_weights_file(checkpoint_path, map_location="cpu")
@@ -814,7 +823,7 @@ def initialize_handler(
         model_type=model_type if model_type is not None else ModelType.CLASSIFICATION,
         **model_kwargs,
     )
-    load_model_state(
+    load_full_weights(  # under FSDP: each rank takes its shards
         handler.module,
         strip_wrapper_prefixes(weights),
         strict=strict_load,

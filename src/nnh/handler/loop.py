@@ -25,6 +25,7 @@ from nnh.callbacks.base import CallbackList
 from nnh.core import TrainConfig, TrainState
 from nnh.core.accumulate import pack_sums
 from nnh.distributed.ddp import real_samples
+from nnh.distributed.fsdp import set_amp_precision
 from nnh.handler import validation as check
 from nnh.handler.data import fast_loader
 from nnh.handler.persistence import capture_rng, restore_rng
@@ -80,6 +81,7 @@ def train(
         "epoch_train_and_val_pbar": epoch_train_and_val_pbar,
     }
     dtype = amp_dtype(h, use_amp)
+    set_amp_precision(h.module, h._fsdp, dtype)  # FSDP units gather in the autocast dtype
     use_scaler = dtype is torch.float16
     if seed is not None and h._resume is None:
         h.seed = seed

@@ -631,7 +631,7 @@ class NNHandler:
 
     # ------------------------------------------------------------------ checkpoints
     def save(
-        self, path: str, include_datasets: bool = True, blocking: bool = True
+        self, path: str, include_datasets: bool = True, blocking: bool = True, full: bool = False
     ) -> SaveHandle | None:
         """Save the complete handler state to ``path`` (atomically; rank 0 writes, all wait).
 
@@ -644,6 +644,10 @@ class NNHandler:
         thread, returning a :class:`~nnh.checkpoint.background.SaveHandle` (``done()``,
         ``result()``); training can go on meanwhile. A failed background write is raised by
         the next ``train``, ``save``, ``predict`` or ``wait_for_saves`` call.
+
+        ``full=True`` under ``strategy="fsdp"``: one ordinary file gathered from the shards,
+        parameter by parameter (every rank must call it; blocking only); elsewhere the
+        ordinary file.
 
         Example:
             >>> from torch.utils.data import TensorDataset
@@ -660,8 +664,8 @@ class NNHandler:
         """
         raise_save_failures(self)
         if not blocking:
-            return submit_checkpoint(self, path, include_datasets=include_datasets)
-        write_checkpoint(self, path, include_datasets=include_datasets)
+            return submit_checkpoint(self, path, include_datasets=include_datasets, full=full)
+        write_checkpoint(self, path, include_datasets=include_datasets, full=full)
         return None
 
     def _write_checkpoint(self, path: str, *, guard_replace: bool) -> None:
@@ -727,8 +731,13 @@ class NNHandler:
         trust_model_code: bool = False,
         trusted: Sequence[Any] | None = None,
         trust_modules: Sequence[str] | str | None = None,
+        strategy: str | None = None,
+        fsdp: dict[str, Any] | None = None,
     ) -> NNHandler:
         """Rebuild a working handler from a file written by :meth:`save`.
+
+        ``strategy="fsdp"`` (and ``fsdp={...}``) loads an ordinary file (single-process, DDP
+        or ``full=True``) into a sharded run under torchrun: each rank takes its shards.
 
         ``skip_*`` leave that part at its fresh default. Stored model source is executed
         only with ``trust_model_code=True`` (when the class can no longer be imported).

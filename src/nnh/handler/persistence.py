@@ -46,6 +46,7 @@ from nnh.checkpoint import (
 )
 from nnh.checkpoint.callables import NotRecordable, callable_record, is_plain
 from nnh.core import TrainState
+from nnh.distributed.fsdp import plain_class
 from nnh.warn import warn as nnh_warn
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,7 +222,7 @@ def handler_payload(
     """The complete, weights_only-safe state of ``handler``."""
     h = handler
     module = h.module
-    model_class = type(module) if h._ensemble is None else module.member_class
+    model_class = plain_class(module) if h._ensemble is None else module.member_class
     model_path = _path_or_none(model_class, f"model class {model_class.__name__}", h=h)
     if model_path is None and not h._save_model_code:
         raise CheckpointError(

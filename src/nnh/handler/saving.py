@@ -37,6 +37,7 @@ from nnh.handler.finite import (
     non_finite_state,
     optimizer_param_names,
 )
+from nnh.handler.full_state import is_sharded, write_full_checkpoint
 from nnh.handler.persistence import handler_payload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,15 +62,21 @@ def write_checkpoint(
     resume: dict[str, Any] | None = None,
     include_datasets: bool = True,
     guard_replace: bool = False,
+    full: bool = False,
 ) -> None:
     """Check, then write ``handler``'s checkpoint to ``path`` on rank 0; every rank returns
-    or raises together.
+    or raises together. ``full`` under FSDP: one ordinary file gathered from the shards
+    (:mod:`nnh.handler.full_state`); elsewhere the ordinary file anyway.
 
     Raises :class:`NonFiniteStateError` (nothing written) when the state is not finite, and
     :class:`CheckpointError` (kind ``"not_owned"``) when ``guard_replace`` (settings read
     from a checkpoint file) and ``path`` is a file this run did not write, or lies in a
     folder the file chose (see :func:`_check_replace`).
     """
+    if full and is_sharded(handler.module):
+        write_full_checkpoint(handler, path, include_datasets=include_datasets, resume=resume,
+                              guard_replace=guard_replace)  # fmt: skip
+        return
     _refuse_non_finite(handler, path, resume)
     dist = handler._dist
     error: BaseException | None = None
@@ -132,6 +139,7 @@ def submit_checkpoint(
     after: Callable[[Path], None] | None = None,
     in_training: bool = False,
     warn_if_refused: bool = False,
+    full: bool = False,
 ) -> SaveHandle:
     """Like :func:`write_checkpoint`, but the file is written by the handler's background
     writer: the state is snapshotted now, the call returns a :class:`SaveHandle`.
@@ -152,6 +160,11 @@ def submit_checkpoint(
     non-finite state is reported as a warning (as a blocking step checkpoint does), not
     raised by the next call.
     """
+    if full and is_sharded(handler.module):
+        raise ValueError(
+            f"save({path!r}, full=True, blocking=False): one file gathered from FSDP shards is "
+            "written blocking only (every rank joins the gathers); use blocking=True"
+        )
     if not handler._dist.is_main:
         done = SaveHandle(Path(path))
         done._future.set_result(Path(path))
