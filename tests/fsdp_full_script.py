@@ -26,6 +26,7 @@ from nnh import NNHandler
 from nnh.callbacks import EarlyStopping
 from nnh.callbacks.base import Callback
 from nnh.generative import VPSDE
+from nnh.handler.finite import NonFiniteStateError
 
 WRAP = {"wrap_classes": [Block]}
 EMA = 0.9
@@ -131,6 +132,16 @@ def main() -> None:
         h.save(os.path.join(out, "bg.pth"), full=True, blocking=False)
     except ValueError as err:
         results["background_error"] = str(err)
+
+    # a NaN in one rank's shard only: no file, every rank raises
+    bad = build("fsdp", BATCH, WRAP)
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            bad.module.out.bias.to_local().fill_(float("nan"))
+    try:
+        bad.save(os.path.join(out, "nan.pth"), full=True)
+    except (NonFiniteStateError, RuntimeError) as err:  # rank 0 has the reason, others told
+        mine["nan_error"] = f"{type(err).__name__}: {err}"
 
     # 2. ordinary files into an FSDP run: single-process, DDP, and the full export itself
     d = trained("ddp")

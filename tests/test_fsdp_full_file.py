@@ -138,6 +138,13 @@ def test_full_export_loads_into_one_process_and_continues(run):
     close(dict(h.module.state_dict()), dict(ref.module.state_dict()), what="continued")
 
 
+def test_non_finite_shard_on_one_rank_writes_nothing(run):
+    """The finite check sees every rank's shards (the NaN sat in rank 1's shard only)."""
+    assert not (run / "nan.pth").exists()
+    assert "not finite (model out.bias" in rank(run, 0)["nan_error"]
+    assert rank(run, 1)["nan_error"].startswith("RuntimeError: saving")  # told, no hang
+
+
 def test_background_full_save_is_refused_naming_it(run):
     assert "full=True, blocking=False" in result(run)["background_error"]
 
