@@ -200,7 +200,7 @@ def load_full_weights(
         >>> m = torch.nn.Linear(2, 1)
         >>> load_full_weights(m, {k: torch.zeros_like(v) for k, v in m.state_dict().items()},
         ...                   strict=True, source=None)
-        >>> float(m.weight.abs().sum())
+        >>> float(m.weight.detach().abs().sum())
         0.0
     """
     from nnh.checkpoint import load_model_state
