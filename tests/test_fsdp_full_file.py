@@ -252,3 +252,17 @@ def test_full_save_in_one_process_is_the_ordinary_file(tmp_path):
     for k, v in b["model_state_dict"].items():
         assert torch.equal(a["model_state_dict"][k], v)
     assert NNHandler.load(str(tmp_path / "a.pth")).module.inp.weight.shape == (32, 5)
+
+
+def test_bad_sharding_overrides_are_named_before_the_file_is_read(tmp_path):
+    missing = str(tmp_path / "absent.pth")  # never opened: the arguments fail first
+    with pytest.raises(ValueError, match=r"strategy must be one of \['ddp', 'fsdp'\], got 'zero'"):
+        NNHandler.load(missing, strategy="zero")
+    with pytest.raises(ValueError, match=r"unknown fsdp option\(s\) \['shards'\]"):
+        NNHandler.load(missing, strategy="fsdp", fsdp={"shards": 2})
+    with pytest.raises(ValueError, match="fsdp options were given but strategy is 'ddp'"):
+        NNHandler.load(missing, fsdp={"min_params": 3})
+    h = NNHandler(fsdp_script.Net, seed=0)
+    with pytest.raises(TypeError, match=r"save\(full=\.\.\.\) must be True or False, got 'yes'"):
+        h.save(str(tmp_path / "x.pth"), full="yes")
+    assert not (tmp_path / "x.pth").exists()

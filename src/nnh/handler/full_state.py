@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
 
 __all__ = [
+    "check_sharding",
     "gather_payload",
     "gather_tensor",
     "is_sharded",
@@ -189,6 +190,25 @@ def write_full_checkpoint(
 
 
 # ----------------------------------------------------------------------------- loading
+def check_sharding(strategy: str | None, fsdp: Any) -> dict[str, Any]:
+    """The checked ``strategy=`` / ``fsdp=`` overrides of a load (before the file is read).
+
+    Example:
+        >>> check_sharding("fsdp", {"min_params": 10})["strategy"]
+        'fsdp'
+        >>> check_sharding("zero", None)
+        Traceback (most recent call last):
+        ...
+        ValueError: strategy must be one of ['ddp', 'fsdp'], got 'zero'
+    """
+    from nnh.distributed.fsdp import FSDPOptions, check_strategy
+
+    strategy = check_strategy("ddp" if strategy is None else strategy, fsdp)
+    if fsdp is not None:
+        FSDPOptions.from_dict(fsdp)
+    return {"strategy": strategy, "fsdp": fsdp}
+
+
 def load_full_weights(
     module: nn.Module, weights: dict[str, Any], *, strict: bool, source: str | None
 ) -> None:

@@ -67,7 +67,12 @@ from nnh.checkpoint.sections import (
 from nnh.checkpoint.signing import is_own
 from nnh.core.tree import flat_td
 from nnh.handler.building import wrap_module
-from nnh.handler.full_state import load_full_weights, shard_like_params, shard_optimizer_state
+from nnh.handler.full_state import (
+    check_sharding,
+    load_full_weights,
+    shard_like_params,
+    shard_optimizer_state,
+)
 from nnh.handler.logs import logging_options
 from nnh.handler.persistence import restore_rng
 from nnh.warn import warn as nnh_warn
@@ -327,9 +332,7 @@ def load_handler(
     fsdp: dict[str, Any] | None = None,
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
-    sharding = (
-        {} if strategy is None and fsdp is None else {"strategy": strategy or "ddp", "fsdp": fsdp}
-    )
+    sharding = {} if strategy is None and fsdp is None else check_sharding(strategy, fsdp)
     from nnh.handler.building import CHECKPOINT_TENSORS
 
     payload = load_checkpoint(path, map_location="cpu")

@@ -779,6 +779,7 @@ class NNHandler:
     ) -> NNHandler:
         """A new handler with only the model weights of ``checkpoint_path`` (a bare
         ``state_dict`` or a full checkpoint); no optimizer, history or the rest.
+        ``strategy="fsdp", fsdp={...}`` among the keywords: each rank takes its shards.
 
         Example:
             >>> h = NNHandler(nn.Linear, in_features=2, out_features=1, model_type="regression")

@@ -73,6 +73,8 @@ def write_checkpoint(
     from a checkpoint file) and ``path`` is a file this run did not write, or lies in a
     folder the file chose (see :func:`_check_replace`).
     """
+    if not isinstance(full, bool):
+        raise TypeError(f"save(full=...) must be True or False, got {full!r}")
     if full and is_sharded(handler.module):
         write_full_checkpoint(handler, path, include_datasets=include_datasets, resume=resume,
                               guard_replace=guard_replace)  # fmt: skip
