@@ -146,6 +146,7 @@ def main() -> None:
     # 2. ordinary files into an FSDP run: single-process, DDP, and the full export itself
     d = trained("ddp")
     d.save(os.path.join(out, "ddp.pth"))
+    d.save(os.path.join(out, "ddp_full.pth"), full=True)  # DDP: full=True is the ordinary file
     for name in ("one", "ddp", "full"):
         g = NNHandler.load(os.path.join(out, f"{name}.pth"), strategy="fsdp", fsdp=WRAP)
         loaded = gathered_state(g)

@@ -178,6 +178,17 @@ def test_ordinary_file_loads_into_fsdp_and_continues(run, name):
     )
 
 
+def test_full_save_under_ddp_is_the_ordinary_file(run):
+    a = torch.load(run / "ddp_full.pth", weights_only=True)
+    b = torch.load(run / "ddp.pth", weights_only=True)
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    for k, v in b["model_state_dict"].items():
+        assert torch.equal(a["model_state_dict"][k], v), k
+    assert (
+        a["optimizer"]["state_dict"]["state"].keys() == b["optimizer"]["state_dict"]["state"].keys()
+    )
+
+
 def test_initialize_from_checkpoint_into_fsdp(run):
     res = result(run)["initialized"]
     assert res["sharded"]
