@@ -21,6 +21,7 @@ import torch.distributed as dist
 from fsdp_script import BATCH, N_TRAIN, N_VAL, Block, Net, build, data
 from gen_models import ScoreMLP
 from torch.distributed.tensor import DTensor
+from torch.utils.data import TensorDataset
 
 from nnh import NNHandler
 from nnh.callbacks import EarlyStopping
@@ -115,7 +116,18 @@ def generative(strategy: str) -> dict:
     h.seed = 0
     ode = h.sample((N_SAMPLES, 2), STEPS, method="ode", bar=False)
     ll = h.log_likelihood(points(), ode_steps=STEPS, method="Heun", noise_type="exact")
-    return {"sde": sde, "ode": ode, "ll": ll, "sharded": type(h.module).__name__.startswith("FSDP")}
+    try:
+        h.log_likelihood(TensorDataset(points()), method="dopri5")
+        adaptive = None
+    except ValueError as err:
+        adaptive = str(err)
+    return {
+        "sde": sde,
+        "ode": ode,
+        "ll": ll,
+        "adaptive": adaptive,
+        "sharded": type(h.module).__name__.startswith("FSDP"),
+    }
 
 
 def main() -> None:

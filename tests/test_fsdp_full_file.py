@@ -244,6 +244,17 @@ def test_log_likelihood_under_fsdp_equals_one_process(run):
     assert rank(run, 1)["gen_fsdp"]["ll"] is None  # gathered on rank 0, as under DDP
 
 
+def test_adaptive_likelihood_of_a_dataset_is_refused_under_fsdp_only(run):
+    """dopri5 takes a data-dependent number of steps per rank's share: under FSDP that would
+    mismatch the model's all-gathers, so it is refused on every rank before any work."""
+    for r in (0, 1):
+        assert (
+            "method='dopri5') of a Dataset/DataLoader cannot run under strategy='fsdp'"
+            in (rank(run, r)["gen_fsdp"]["adaptive"])
+        )
+    assert rank(run, 0)["gen_ddp"]["adaptive"] is None  # DDP: no collective in the forward
+
+
 def test_samples_under_fsdp_equal_ddp(run):
     """Each rank draws its share of the samples from its own noise (as under DDP), so a
     2-rank draw is not one process's draw; with the same seed FSDP equals DDP (1e-5)."""

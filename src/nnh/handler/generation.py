@@ -417,6 +417,13 @@ def handler_log_likelihood(
         check_finite_input(x)
     dist = handler._dist
     everywhere = is_sharded(handler.module)  # FSDP: every rank joins the model's all-gathers
+    if everywhere and is_data and str(method).lower() == "dopri5":
+        raise ValueError(
+            "log_likelihood(method='dopri5') of a Dataset/DataLoader cannot run under "
+            "strategy='fsdp': each rank's share takes its own number of adaptive steps, while "
+            "every model call all-gathers across all ranks. What to do: use a fixed-step method "
+            "('Euler', 'Heun', 'RK4'), or pass the samples as one tensor (computed on every rank)"
+        )
     if not is_data and not dist.is_main and not everywhere:
         return None
     device = handler.device
