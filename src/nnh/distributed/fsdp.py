@@ -246,8 +246,8 @@ def set_amp_precision(
     """Follow ``train(use_amp=...)`` with FSDP mixed precision; returns the units' param dtype.
 
     Under FSDP, when the options name no ``param_dtype``, every unit gathers its parameters
-    in the autocast dtype ``use_amp`` asks for (bf16 for ``use_amp=True`` on CPU and for
-    ``"bf16"``) and reduces gradients in ``reduce_dtype`` (float32 unless set); the sharded
+    in the autocast dtype ``use_amp`` asks for (bf16 for ``use_amp=True`` under FSDP, on CPU
+    and CUDA alike, and for ``"bf16"``) and reduces gradients in ``reduce_dtype`` (float32 unless set); the sharded
     master weights and the optimizer state stay in their own dtype. A later ``train()``
     without ``use_amp`` goes back to full precision. ``fully_shard`` runs when the handler is
     built, before ``use_amp`` is known, so the units' policy is updated in place here (FSDP2

@@ -61,6 +61,8 @@ def amp_dtype(h: NNHandler, use_amp: bool | str | torch.dtype) -> torch.dtype | 
         if use_amp.lower() not in table:
             raise ValueError(f"use_amp={use_amp!r}: use True, False, 'bf16' or 'fp16'")
         return table[use_amp.lower()]
+    if h._fsdp is not None and h._dist.enabled:  # FSDP: bf16 (no loss scaling across shards)
+        return torch.bfloat16
     return torch.float16 if h._device.type == "cuda" else torch.bfloat16
 
 
