@@ -8,7 +8,8 @@ from pathlib import Path
 
 from nnh.checkpoint.errors import CheckpointError
 
-MANIFEST_EXCLUDE = frozenset({"nnh_manifest.json"})
+# the nnh metadata file of a sharded checkpoint (nnh.checkpoint.sharded) holds these sums
+MANIFEST_EXCLUDE = frozenset({"nnh_manifest.json", "nnh_checkpoint.pth"})
 
 
 def _sha256(path: Path) -> str:

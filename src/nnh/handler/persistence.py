@@ -222,6 +222,8 @@ def handler_payload(
     h = handler
     module = h.module
     model_class = type(module) if h._ensemble is None else module.member_class
+    if getattr(module, "_nnh_fsdp", False):  # fully_shard swapped in a generated subclass
+        model_class = h._model_class or model_class
     model_path = _path_or_none(model_class, f"model class {model_class.__name__}", h=h)
     if model_path is None and not h._save_model_code:
         raise CheckpointError(

@@ -70,6 +70,12 @@ def write_checkpoint(
     from a checkpoint file) and ``path`` is a file this run did not write, or lies in a
     folder the file chose (see :func:`_check_replace`).
     """
+    from nnh.handler.sharded_io import is_sharded, write_sharded
+
+    if is_sharded(handler):  # FSDP: a folder of per-rank shards
+        write_sharded(handler, path, resume=resume, include_datasets=include_datasets,
+                      guard_replace=guard_replace)  # fmt: skip
+        return
     _refuse_non_finite(handler, path, resume)
     dist = handler._dist
     error: BaseException | None = None
