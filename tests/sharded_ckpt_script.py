@@ -93,10 +93,12 @@ def main() -> None:
         h = NNHandler.load(os.path.join(out, "e2.pth"))
         result["loaded"] = snapshot(h)
         result["sharded"] = getattr(h.module, "_nnh_fsdp", False)
+        world = dist.get_world_size() if dist.is_initialized() else 1
         set_loaders(h)
+        if world != 2:  # the step folder belongs to the 2-rank resume now (a sibling run)
+            h.auto_save(None)
         h.train(epochs=2, **TRAIN)
         result["e4"] = snapshot(h)
-        world = dist.get_world_size() if dist.is_initialized() else 1
         if world == 2:
             step = NNHandler.load(sys.argv[3])
             result["step_resume"] = step._resume is not None

@@ -30,6 +30,7 @@ __all__ = [
     "METADATA_NAME",
     "SHARDED_KEY",
     "is_sharded_checkpoint",
+    "looks_sharded",
     "read_metadata",
     "sharded_record",
     "write_metadata",
@@ -52,6 +53,28 @@ def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
     """
     folder = Path(path)
     return folder.is_dir() and (folder / METADATA_NAME).is_file()
+
+
+def looks_sharded(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder of a sharded checkpoint, complete or not (it holds the
+    nnh metadata file, DCP's ``.metadata`` or ``.distcp`` shards): loading it goes through
+    :func:`read_metadata`, whose errors say what is missing.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "__0_0.distcp").write_bytes(b"x")
+        >>> looks_sharded(d), is_sharded_checkpoint(d)
+        (True, False)
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return False
+    if (folder / METADATA_NAME).is_file() or (folder / ".metadata").is_file():
+        return True
+    try:
+        return any(p.suffix == ".distcp" for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 def write_metadata(

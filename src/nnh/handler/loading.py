@@ -325,10 +325,10 @@ def load_handler(
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
     options = _options(locals())
-    from nnh.checkpoint.sharded import is_sharded_checkpoint
+    from nnh.checkpoint.sharded import looks_sharded
     from nnh.handler.building import CHECKPOINT_TENSORS
 
-    if is_sharded_checkpoint(path):  # a folder written under FSDP
+    if looks_sharded(path):  # a folder written under FSDP
         from nnh.handler.sharded_io import load_sharded
 
         return load_sharded(handler_class, path, **options)

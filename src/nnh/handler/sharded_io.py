@@ -27,6 +27,7 @@ DCP reshards).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -296,7 +297,9 @@ def _load_tensors(
     elif "optim" in saved and h.optimizer is not None:
         wanted.add("optim")
     state = {k: v for k, v in _tensor_state(h, for_load=names).items() if k in wanted}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+    with warnings.catch_warnings():  # one process, no process group: intended, not news
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not h._dist.enabled)
     strict = StateDictOptions(strict=True)
     set_model_state_dict(h.module, state["model"], options=strict)
     if "optim" in state:
