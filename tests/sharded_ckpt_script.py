@@ -77,6 +77,8 @@ def main() -> None:
         h.train(epochs=2, **TRAIN)
         result["e2"] = snapshot(h)
         h.save(os.path.join(out, "e2.pth"))
+        handle = h.save(os.path.join(out, "bg.pth"), blocking=False)  # written now under FSDP
+        result["bg"] = (handle.done(), str(handle.result()))
         h.train(epochs=2, **TRAIN)
         result["e4"] = snapshot(h)
         result["step_path"] = str(h.auto_saver.step_path())

@@ -109,6 +109,14 @@ def test_folder_holds_each_ranks_shards_and_signed_metadata(runs):
     assert latest(runs["out"]) in (str(folder), runs["train"]["step_path"])
 
 
+def test_a_background_save_under_fsdp_is_a_complete_folder(runs):
+    done, path = runs["train"]["bg"]
+    assert done and Path(path).is_dir()
+    a = torch.load(Path(path) / METADATA_NAME, weights_only=True)
+    b = torch.load(runs["out"] / "e2.pth" / METADATA_NAME, weights_only=True)
+    assert a["history"] == b["history"]  # the same state as the blocking save before it
+
+
 def test_two_ranks_resume_an_epoch_folder_bitwise(runs):
     ref, got = runs["train"], runs[2]
     assert got["sharded"]

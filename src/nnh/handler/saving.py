@@ -156,6 +156,12 @@ def submit_checkpoint(
     non-finite state is reported as a warning (as a blocking step checkpoint does), not
     raised by the next call.
     """
+    from nnh.handler.sharded_io import is_sharded, save_sharded_now
+
+    if is_sharded(handler):  # FSDP: every rank writes its shards, now (see sharded_io)
+        return save_sharded_now(handler, path, resume=resume, include_datasets=include_datasets,
+                                guard_replace=guard_replace, after=after,
+                                warn_if_refused=warn_if_refused)  # fmt: skip
     if not handler._dist.is_main:
         done = SaveHandle(Path(path))
         done._future.set_result(Path(path))

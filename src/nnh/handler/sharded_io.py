@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nnh.checkpoint import CheckpointError
+from nnh.checkpoint.background import SaveHandle
 from nnh.checkpoint.folder_commit import commit_folder, temp_folder_for
 from nnh.checkpoint.sharded import read_metadata, sharded_record, write_metadata
 from nnh.handler.finite import non_finite_error, non_finite_state
@@ -44,7 +46,7 @@ from nnh.handler.persistence import capture_rng, handler_payload, restore_rng
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
 
-__all__ = ["is_sharded", "load_sharded", "write_sharded"]
+__all__ = ["is_sharded", "load_sharded", "save_sharded_now", "write_sharded"]
 
 # per rank in a step checkpoint: where this rank's data stream and epoch sums stand
 _PER_RANK = ("epoch_start_rng", "step_rng", "sums")
@@ -195,6 +197,42 @@ def write_sharded(
         raise error
     if failed:
         raise RuntimeError(f"saving {path} failed on rank 0; see its error")
+
+
+def save_sharded_now(
+    handler: NNHandler,
+    path: str,
+    *,
+    resume: dict[str, Any] | None = None,
+    include_datasets: bool = True,
+    guard_replace: bool = False,
+    after: Callable[[Path], None] | None = None,
+    warn_if_refused: bool = False,
+) -> SaveHandle:
+    """A background save asked for under FSDP (``save(blocking=False)``, ``auto_save(...,
+    async_save=True)``): written now, on every rank, and returned as a completed handle.
+
+    A background writer thread would run DCP's collectives on the default process group
+    while training's FSDP collectives run on it too (a deadlock), so the save blocks. A
+    non-finite state fails the handle (``warn_if_refused``: a warning, as for a step
+    checkpoint); ``after(path)`` runs on rank 0 once the folder is committed.
+    """
+    from nnh.handler.finite import NonFiniteStateError
+
+    handle = SaveHandle(Path(path))
+    try:
+        write_sharded(handler, path, resume=resume, include_datasets=include_datasets,
+                      guard_replace=guard_replace)  # fmt: skip
+    except NonFiniteStateError as err:
+        if not warn_if_refused:
+            raise
+        handler._warn(str(err))
+        handle._future.set_exception(err)
+        return handle
+    if after is not None and handler._dist.is_main:
+        after(Path(path))
+    handle._future.set_result(Path(path))
+    return handle
 
 
 def _metadata_payload(
