@@ -202,6 +202,65 @@ def test_unsigned_metadata_follows_the_foreign_file_rules(runs, tmp_path):
     assert "acc" not in h._metrics  # a stranger's file names no user function
     h = NNHandler.load(str(folder), trusted=[accuracy])
     assert h._metrics["acc"] is accuracy
+    import nnh.checkpoint  # converting never signs a stranger's folder with your key
+
+    file = nnh.checkpoint.sharded_to_file(folder, tmp_path / "full.pth")
+    assert "mac" not in torch.load(file, weights_only=True)["integrity"]
+
+
+def test_a_folder_converts_to_one_file_offline(runs, tmp_path):
+    from fsdp_script import Net
+
+    import nnh.checkpoint
+
+    ref = runs["train"]["e2"]
+    path = nnh.checkpoint.sharded_to_file(runs["out"] / "e2.pth", tmp_path / "full.pth")
+    raw = torch.load(path, weights_only=True)  # an ordinary nnh file: header, checksums, signed
+    assert raw["nnh_format"]["name"] == "nnh-checkpoint" and "sharded" not in raw
+    assert isinstance(raw["integrity"].get("mac"), str)  # the folder was the user's own
+    h = NNHandler.load(str(path))
+    assert_equal({k: v for k, v in h.module.state_dict().items()}, ref["params"])
+    names = {id(p): n for n, p in h.module.named_parameters()}
+    opt = {f"{names[id(p)]}.{k}": v for p, st in h.optimizer.state.items() for k, v in st.items()}
+    assert_equal(opt, ref["opt"])
+    assert_equal(dict(h._state.ema.items()), ref["ema"])
+    assert h.train_losses == ref["train_losses"]
+    for source in (path, runs["out"] / "e2.pth"):  # initialize_from_checkpoint reads both
+        g = NNHandler.initialize_from_checkpoint(str(source), Net)
+        assert_equal(g.module.state_dict(), ref["params"])
+    with pytest.raises(CheckpointError, match="mid-epoch step checkpoint of 2 ranks"):
+        nnh.checkpoint.sharded_to_file(runs["train"]["step_path"], tmp_path / "step.pth")
+
+
+class _Planted:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_dcp_index_runs_nothing(runs, tmp_path):
+    """DCP unpickles its .metadata; a stranger's folder with matching checksums must not run
+    code through it (nnh's reader builds only DCP's own records)."""
+    import hashlib
+    import pickle
+
+    folder = copy_folder(runs, tmp_path)
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(_Planted(marker)))
+    meta = torch.load(folder / METADATA_NAME, weights_only=True)
+    for key in ("nnh_format", "versions", "integrity"):
+        del meta[key]
+    digest = hashlib.sha256((folder / ".metadata").read_bytes()).hexdigest()
+    meta["sharded"]["files"][".metadata"] = digest  # consistent, as a stranger would make it
+    save_checkpoint(meta, folder / METADATA_NAME, sign=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(CheckpointError, match="did NOT execute") as err:
+            NNHandler.load(str(folder))
+    assert err.value.kind == "unsafe" and "posix.system" in str(err.value)
+    assert not marker.exists()
 
 
 def test_edited_metadata_is_refused(runs, tmp_path):

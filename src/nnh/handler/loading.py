@@ -819,9 +819,17 @@ def initialize_handler(
         1
     """
     from nnh.checkpoint import load_model_state, load_weights_file, strip_wrapper_prefixes
+    from nnh.checkpoint.sharded import looks_sharded
     from nnh.handler.enums import ModelType
 
-    weights = load_weights_file(checkpoint_path, map_location="cpu")
+    if looks_sharded(checkpoint_path):  # a folder written under FSDP: its model shards, verified
+        from nnh.checkpoint.sharded import read_metadata
+        from nnh.checkpoint.sharded_export import read_shards
+
+        read_metadata(checkpoint_path)
+        weights = dict(read_shards(checkpoint_path)["model"])
+    else:
+        weights = load_weights_file(checkpoint_path, map_location="cpu")
     handler = cls(
         model_class,
         device=device if device is not None else "cpu",

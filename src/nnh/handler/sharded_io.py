@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from nnh.checkpoint import CheckpointError
 from nnh.checkpoint.background import SaveHandle
+from nnh.checkpoint.dcp_safe import SafeLoadPlanner, SafeReader
 from nnh.checkpoint.folder_commit import commit_folder, temp_folder_for
 from nnh.checkpoint.sharded import read_metadata, sharded_record, write_metadata
 from nnh.handler.finite import non_finite_error, non_finite_state
@@ -337,7 +338,10 @@ def _load_tensors(
     state = {k: v for k, v in _tensor_state(h, for_load=names).items() if k in wanted}
     with warnings.catch_warnings():  # one process, no process group: intended, not news
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not h._dist.enabled)
+        reader = SafeReader(path)
+        reader.read_metadata()  # a planted index is refused here, naming the file
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(),
+                 no_dist=not h._dist.enabled)  # fmt: skip
     strict = StateDictOptions(strict=True)
     set_model_state_dict(h.module, state["model"], options=strict)
     if "optim" in state:
