@@ -102,6 +102,12 @@ def main() -> None:
         h.train(epochs=2, **TRAIN)
         result["e4"] = snapshot(h)
         if world == 2:
+            ddp = NNHandler.load(os.path.join(out, "e2.pth"), strategy="ddp")  # FSDP -> DDP
+            result["ddp_loaded"] = snapshot(ddp)
+            result["ddp_wrapped"] = type(ddp._model).__name__
+            ddp.auto_save(None)
+            ddp.train(epochs=2, **TRAIN)
+            result["ddp_e4"] = snapshot(ddp)
             step = NNHandler.load(sys.argv[3])
             result["step_resume"] = step._resume is not None
             step.resume_training()

@@ -152,6 +152,15 @@ def test_one_process_and_three_ranks_reshard_and_continue(runs, world):
     )  # fmt: skip
 
 
+def test_a_folder_loads_into_a_ddp_run(runs):
+    ref, got = runs["train"], runs[2]
+    assert got["ddp_wrapped"] == "DistributedDataParallel"
+    assert_equal(got["ddp_loaded"]["params"], ref["e2"]["params"])
+    assert_equal(got["ddp_loaded"]["opt"], ref["e2"]["opt"])
+    for part in ("params", "ema", "opt"):
+        assert_close(got["ddp_e4"][part], ref["e4"][part])
+
+
 def test_non_finite_state_is_refused_on_every_rank(runs):
     error = runs["train"]["nan_error"]
     assert error.startswith("NonFiniteStateError") and "model inp.weight" in error

@@ -322,6 +322,7 @@ def load_handler(
     trust_model_code: bool,
     trusted: Any = None,
     trust_modules: Any = None,
+    strategy: str | None = None,
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
     options = _options(locals())
@@ -332,6 +333,12 @@ def load_handler(
         from nnh.handler.sharded_io import load_sharded
 
         return load_sharded(handler_class, path, **options)
+    if strategy is not None:
+        raise ValueError(
+            f"NNHandler.load(strategy={strategy!r}) applies to sharded checkpoint folders; "
+            f"{str(path)!r} is a file: construct the handler with the strategy you want and "
+            "load the file's weights with initialize_from_checkpoint"
+        )
     payload = load_checkpoint(path, map_location="cpu")
     check_handler_payload(payload, path)
     own = is_own(payload.get(INTEGRITY_KEY))

@@ -758,8 +758,12 @@ class NNHandler:
         trust_model_code: bool = False,
         trusted: Sequence[Any] | None = None,
         trust_modules: Sequence[str] | str | None = None,
+        strategy: str | None = None,
     ) -> NNHandler:
         """Rebuild a working handler from a file written by :meth:`save`.
+
+        A sharded checkpoint folder (saved under FSDP) loads the same way, on any number of
+        ranks or in one process; it restores FSDP unless ``strategy="ddp"`` asks for DDP.
 
         ``skip_*`` leave that part at its fresh default. Stored model source is executed
         only with ``trust_model_code=True`` (when the class can no longer be imported).

@@ -288,14 +288,17 @@ def load_sharded(handler_class: type[NNHandler], path: str, **options: Any) -> N
     with _section(str(path), "logging"):
         log_options = logging_options(payload.get("logging"), str(path), confine=not own)
     device = options["device"]
+    strategy = options.get("strategy") or "fsdp"  # the folder's, unless the caller asks for DDP
+    if strategy not in ("fsdp", "ddp"):
+        raise ValueError(f"NNHandler.load(strategy=...) must be 'fsdp' or 'ddp', got {strategy!r}")
     with _section(str(path), "sharded.fsdp"):
         handler = handler_class(
             resolved.model,
             device=torch.device(device) if device is not None else "cpu",
             model_type=model["type"],
             save_model_code=model.get("source") is not None,
-            strategy="fsdp",
-            fsdp=dict(record.get("fsdp") or {}),
+            strategy=strategy,
+            fsdp=dict(record.get("fsdp") or {}) if strategy == "fsdp" else None,
             **log_options,
             **model["kwargs"],
         )
