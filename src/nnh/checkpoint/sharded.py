@@ -82,12 +82,14 @@ def write_metadata(
     folder: str | os.PathLike[str],
     *,
     record: Mapping[str, Any],
+    known: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``payload`` plus the shard checksums as the folder's signed nnh metadata file.
 
     ``record`` holds the sharded-specific entries (world size, which tensor groups the
     shards hold, per-rank RNG states); ``"files"`` (every file's SHA-256) is added here, so
-    call this last, once every shard is on disk.
+    call this last, once every shard is on disk. ``known``: SHA-256 sums already computed
+    (by the ranks that wrote those files, in parallel); every other file is hashed here.
 
     Example:
         >>> import tempfile
@@ -99,7 +101,10 @@ def write_metadata(
     from nnh.checkpoint import save_checkpoint
 
     folder = Path(folder)
-    full = {**dict(record), "layout": LAYOUT, "files": folder_checksums(folder)}
+    known = dict(known or {})
+    files = folder_checksums(folder, skip=set(known))
+    files.update({name: digest for name, digest in known.items() if (folder / name).is_file()})
+    full = {**dict(record), "layout": LAYOUT, "files": dict(sorted(files.items()))}
     return save_checkpoint({**dict(payload), SHARDED_KEY: full}, folder / METADATA_NAME)
 
 

@@ -10,9 +10,10 @@ Under FSDP, :func:`write_sharded` is what ``NNHandler.save`` and every automatic
    and tells the other ranks its name;
 3. every rank writes its shards of the model, optimizer, EMA weights and open accumulation
    window with ``torch.distributed.checkpoint.save`` (FileSystemWriter);
-4. the RNG states of every rank (global, and a step checkpoint's position RNGs) are gathered
-   to rank 0; after a barrier rank 0 writes the nnh metadata file (the non-tensor state, the
-   SHA-256 of every shard, signed: :mod:`nnh.checkpoint.sharded`) and commits the folder
+4. every rank hashes the shard files it wrote (SHA-256, in parallel); the sums and the RNG
+   states of every rank (global, and a step checkpoint's position and running sums) are
+   gathered to rank 0, which writes the nnh metadata file (the non-tensor state, every
+   file's SHA-256, signed: :mod:`nnh.checkpoint.sharded`) and commits the folder
    (:func:`nnh.checkpoint.folder_commit.commit_folder`). A rank killed at any point leaves
    only the temporary folder: ``path`` still holds the previous checkpoint.
 
@@ -171,23 +172,25 @@ def write_sharded(
         if error is not None:
             raise error
         raise RuntimeError(f"saving {path} failed on rank 0; see its error")
-    dcp.save(_tensor_state(h), storage_writer=dcp.FileSystemWriter(name))
+    tensors = _tensor_state(h)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(name))
     delay = os.environ.get(_TEST_DELAY_ENV)
     if delay:
         time.sleep(float(delay))
     rngs: list[Any] = [None] * h._dist.world_size
-    mine = {"global": capture_rng()}
+    mine = {"global": capture_rng(), "sums": _own_file_sums(Path(name), h._dist.rank)}
     if resume is not None:
-        mine.update({k: resume.get(k) for k in _PER_RANK})  # this rank's position
+        mine["position"] = {k: resume.get(k) for k in _PER_RANK}  # this rank's position
     dist.all_gather_object(rngs, mine)
-    h._dist.barrier()
+    known = {f: d for r in rngs for f, d in r.pop("sums").items()}  # hashed where written
+    for r in rngs:
+        r.update(r.pop("position", None) or {})
     if h._dist.is_main:
         try:
             payload = _metadata_payload(h, include_datasets, resume)
-            saved = _tensor_state(h)
             record = {"world_size": h._dist.world_size, "fsdp": _fsdp_record(h), "rng": rngs,
-                      "tensors": {k: sorted(v) for k, v in saved.items()}}  # fmt: skip
-            write_metadata(payload, name, record=record)
+                      "tensors": {k: sorted(v) for k, v in tensors.items()}}  # fmt: skip
+            write_metadata(payload, name, record=record, known=known)
             _check_owner(h, path, guard_replace)  # again, just before the commit
             commit_folder(name, path)
             h._log(f"saved {path}")
@@ -234,6 +237,17 @@ def save_sharded_now(
         after(Path(path))
     handle._future.set_result(Path(path))
     return handle
+
+
+def _own_file_sums(folder: Path, rank: int) -> dict[str, str]:
+    """SHA-256 of the shard files this rank wrote (DCP names them ``__{rank}_{i}.distcp``),
+    and of DCP's ``.metadata`` on rank 0: the ranks hash in parallel."""
+    from nnh.checkpoint.sharded_files import sha256_file
+
+    names = [p for p in folder.glob(f"__{rank}_*.distcp") if p.is_file()]
+    if rank == 0 and (folder / ".metadata").is_file():
+        names.append(folder / ".metadata")
+    return {p.name: sha256_file(p) for p in names}
 
 
 def _metadata_payload(
