@@ -73,7 +73,8 @@ def main() -> None:
     result: dict = {}
     if mode == "train":
         h = build()
-        h.auto_save(None, save_path=out, name="run", every_n_steps=EVERY)
+        # epoch folders that replace each other, and a step folder every EVERY batches
+        h.auto_save(1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, overwrite=True)
         h.train(epochs=2, **TRAIN)
         result["e2"] = snapshot(h)
         h.save(os.path.join(out, "e2.pth"))

@@ -106,7 +106,8 @@ def test_folder_holds_each_ranks_shards_and_signed_metadata(runs):
     assert meta["model_state_dict"] == {} and meta["model"]["class"] == "fsdp_script.Net"
     assert isinstance(meta["integrity"].get("mac"), str)  # signed with the user's key
     assert list_temp_files(runs["out"]) == []  # every temporary folder was committed
-    assert latest(runs["out"]) in (str(folder), runs["train"]["step_path"])
+    newest = Path(latest(runs["out"]))  # folders count; the newest verified one
+    assert newest.is_dir() and (newest / METADATA_NAME).is_file()
 
 
 def test_a_background_save_under_fsdp_is_a_complete_folder(runs):
@@ -115,6 +116,12 @@ def test_a_background_save_under_fsdp_is_a_complete_folder(runs):
     a = torch.load(Path(path) / METADATA_NAME, weights_only=True)
     b = torch.load(runs["out"] / "e2.pth" / METADATA_NAME, weights_only=True)
     assert a["history"] == b["history"]  # the same state as the blocking save before it
+
+
+def test_auto_saves_are_folders_and_overwrite_removes_the_previous_one(runs):
+    epochs = sorted(p.name for p in runs["out"].glob("ep*.pth") if ".step-" not in p.name)
+    assert epochs == ["ep4.pth"]  # ep1..ep3 removed once the next one was committed
+    assert (runs["out"] / "ep4.pth" / METADATA_NAME).is_file()
 
 
 def test_two_ranks_resume_an_epoch_folder_bitwise(runs):
