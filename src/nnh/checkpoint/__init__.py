@@ -109,6 +109,7 @@ __all__ = [
     "resolve_import_path",
     "save_checkpoint",
     "seal",
+    "sharded_to_file",
     "strip_wrapper_prefixes",
     "tensor_checksum",
     "to_flat_state_dict",
@@ -150,3 +151,16 @@ def save_checkpoint(
     if sign:
         sign_record(sealed[INTEGRITY_KEY])
     return atomic_save(sealed, path, durable=durable, crc32=False, before_replace=before_replace)
+
+
+def sharded_to_file(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Convert a sharded checkpoint folder (written under FSDP) into one nnh checkpoint file,
+    offline, in one process: see :func:`nnh.checkpoint.sharded_export.sharded_to_file`.
+
+    Example::
+
+        nnh.checkpoint.sharded_to_file("run/e2.pth", "e2-full.pth")
+    """
+    from nnh.checkpoint.sharded_export import sharded_to_file as convert
+
+    return convert(folder, path)

@@ -17,6 +17,7 @@ from pathlib import Path
 from nnh.checkpoint.atomic import list_temp_files
 from nnh.checkpoint.errors import CheckpointError
 from nnh.checkpoint.safe_load import load_checkpoint
+from nnh.checkpoint.sharded import METADATA_NAME, is_sharded_checkpoint, read_metadata
 
 __all__ = ["latest"]
 
@@ -36,8 +37,10 @@ def latest(folder: str | os.PathLike[str], name: str | None = None) -> str | Non
 
     ``name`` keeps only files whose name starts with it (``"mlp"`` matches ``mlp_004.pth``
     and ``mlp_{epoch}.step-1a2b3c4d.pth``), or matches it as a glob when it holds ``*?[``.
-    Sub-folders are not searched. Every candidate is verified (header, checksums) before it
-    is returned, so a file cut short by ``kill -9`` or a full disk is never the answer.
+    Sub-folders are not searched, but a sharded checkpoint folder (written under FSDP) is a
+    candidate like a file. Every candidate is verified (header, checksums; for a folder every
+    shard's SHA-256) before it is returned, so a file cut short by ``kill -9`` or a full
+    disk, or the temporary folder of an interrupted sharded save, is never the answer.
 
     Example:
         >>> import tempfile, time
@@ -63,15 +66,19 @@ def latest(folder: str | os.PathLike[str], name: str | None = None) -> str | Non
     for entry in root.iterdir():
         if entry.suffix != ".pth" or entry in temporary or not _matches(entry.name, name):
             continue
+        folder = is_sharded_checkpoint(entry)  # an FSDP checkpoint folder: its metadata's time
         try:
-            info = entry.stat()
+            info = (entry / METADATA_NAME).stat() if folder else entry.stat()
         except OSError:
             continue
-        if entry.is_file() and info.st_size > 0:
+        if folder or (entry.is_file() and info.st_size > 0):
             candidates.append((info.st_mtime_ns, entry.name, entry))
     for _, _, entry in sorted(candidates, reverse=True):
         try:
-            load_checkpoint(entry, map_location="cpu", mmap=True)
+            if entry.is_dir():
+                read_metadata(entry)  # the metadata file and every shard's SHA-256
+            else:
+                load_checkpoint(entry, map_location="cpu", mmap=True)
         except (CheckpointError, OSError, RuntimeError, ValueError):
             continue
         return str(entry)

@@ -103,6 +103,17 @@ def _regular_file(path: Path) -> bool:
         return False
 
 
+def _metadata_of(path: Path) -> Path:
+    """A sharded checkpoint folder (a real folder, not a link) stands for its metadata file."""
+    from nnh.checkpoint.sharded import METADATA_NAME
+
+    try:
+        is_folder = stat.S_ISDIR(path.lstat().st_mode)
+    except OSError:
+        return path
+    return path / METADATA_NAME if is_folder else path
+
+
 def read_run_id(path: PathLike) -> str | None:
     """The run id stored in the nnh checkpoint at ``path``; ``None`` for anything else.
 
@@ -115,7 +126,7 @@ def read_run_id(path: PathLike) -> str | None:
         >>> read_run_id(p), read_run_id(f"{p}.missing")
         ('abc', None)
     """
-    file = Path(path)
+    file = _metadata_of(Path(path))
     if not _regular_file(file):
         return None
     try:
@@ -151,7 +162,7 @@ def owned(path: PathLike, *, folder: PathLike, run_id: str) -> bool:
     file = Path(path)
     return (
         bool(run_id)
-        and _regular_file(file)
+        and _regular_file(_metadata_of(file))
         and _inside(file, Path(folder))
         and read_run_id(file) in owner_ids(run_id)
     )
@@ -171,6 +182,11 @@ def remove_owned(path: PathLike, *, folder: PathLike, run_id: str) -> bool:
     if not owned(path, folder=folder, run_id=run_id):
         return False
     try:
+        if _metadata_of(Path(path)) != Path(path):  # a sharded checkpoint folder
+            import shutil
+
+            shutil.rmtree(path)
+            return True
         Path(path).unlink()
     except FileNotFoundError:
         return False

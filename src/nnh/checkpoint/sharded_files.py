@@ -8,7 +8,13 @@ from pathlib import Path
 
 from nnh.checkpoint.errors import CheckpointError
 
-MANIFEST_EXCLUDE = frozenset({"nnh_manifest.json"})
+# the nnh metadata file of a sharded checkpoint (nnh.checkpoint.sharded) holds these sums
+MANIFEST_EXCLUDE = frozenset({"nnh_manifest.json", "nnh_checkpoint.pth"})
+
+
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of the file at ``path``."""
+    return _sha256(path)
 
 
 def _sha256(path: Path) -> str:
@@ -19,8 +25,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def folder_checksums(folder: os.PathLike | str) -> dict[str, str]:
-    """SHA-256 of every file in ``folder`` (relative path -> hex digest), the manifest excluded.
+def folder_checksums(
+    folder: os.PathLike | str, skip: set[str] | frozenset[str] = frozenset()
+) -> dict[str, str]:
+    """SHA-256 of every file in ``folder`` (relative path -> hex digest), the manifest and the
+    relative paths in ``skip`` excluded.
 
     Example:
         >>> import tempfile
@@ -32,7 +41,9 @@ def folder_checksums(folder: os.PathLike | str) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): _sha256(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name not in MANIFEST_EXCLUDE
+        if p.is_file()
+        and p.name not in MANIFEST_EXCLUDE
+        and p.relative_to(folder).as_posix() not in skip
     }
 
 

@@ -50,6 +50,8 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _non_finite(named: list[Named]) -> list[str]:
+    # an FSDP DTensor is checked on this rank's shard (sharded saves combine the ranks' answers)
+    named = [(n, t.to_local() if hasattr(t, "to_local") else t) for n, t in named]
     named = [(n, t) for n, t in named if t.is_floating_point() or t.is_complex()]
     if not named:
         return []

@@ -332,9 +332,15 @@ def load_handler(
     fsdp: dict[str, Any] | None = None,
 ) -> NNHandler:
     """What :meth:`NNHandler.load` does (see the module docstring for the order of checks)."""
+    options = _options(locals())
     sharding = {} if strategy is None and fsdp is None else check_sharding(strategy, fsdp)
+    from nnh.checkpoint.sharded import looks_sharded
     from nnh.handler.building import CHECKPOINT_TENSORS
 
+    if looks_sharded(path):  # a folder written under FSDP
+        from nnh.handler.sharded_io import load_sharded
+
+        return load_sharded(handler_class, path, **options)
     payload = load_checkpoint(path, map_location="cpu")
     check_handler_payload(payload, path)
     own = is_own(payload.get(INTEGRITY_KEY))
@@ -387,6 +393,10 @@ def load_handler(
     return handler
 
 
+def _options(names: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in names.items() if k not in ("handler_class", "path")}
+
+
 @contextlib.contextmanager
 def _section(path: str, name: str) -> Iterator[None]:
     """Turn a bad value inside a checked section into a CheckpointError naming it."""
@@ -422,9 +432,12 @@ def _load_weights(h: NNHandler, weights: dict[str, Any], path: str, strict_load:
         load_full_weights(module, weights, strict=strict_load, source=path)
 
 
-def _restore_model(h: NNHandler, payload: dict[str, Any], path: str, strict_load: bool) -> None:
+def _restore_model(
+    h: NNHandler, payload: dict[str, Any], path: str, strict_load: bool, load_weights: bool = True
+) -> None:
     model = payload["model"]
-    _load_weights(h, payload["model_state_dict"], path, strict_load)
+    if load_weights:  # False: a sharded folder's weights come from its shards (sharded_io)
+        _load_weights(h, payload["model_state_dict"], path, strict_load)
     module = h.module
     params = dict(module.named_parameters())
     for name in model.get("frozen") or []:
@@ -622,13 +635,14 @@ def apply_payload(
     skip_optimizer: bool,
     skip_history: bool,
     skip_ema: bool,
+    load_weights: bool = True,
 ) -> None:
     """Restore a checked checkpoint's state into a handler built with its model."""
     from nnh.core import LossScaler
     from nnh.handler.autosaver import AutoSaver
 
     h = handler
-    _restore_model(h, payload, path, strict_load)
+    _restore_model(h, payload, path, strict_load, load_weights)
     data = payload.get("data") or {}
     for which in ("train", "val"):
         with _section(path, f"data.{which}"):
@@ -817,9 +831,17 @@ def initialize_handler(
         1
     """
     from nnh.checkpoint import load_weights_file, strip_wrapper_prefixes
+    from nnh.checkpoint.sharded import looks_sharded
     from nnh.handler.enums import ModelType
 
-    weights = load_weights_file(checkpoint_path, map_location="cpu")
+    if looks_sharded(checkpoint_path):  # a folder written under FSDP: its model shards, verified
+        from nnh.checkpoint.sharded import read_metadata
+        from nnh.checkpoint.sharded_export import read_shards
+
+        read_metadata(checkpoint_path)
+        weights = dict(read_shards(checkpoint_path)["model"])
+    else:
+        weights = load_weights_file(checkpoint_path, map_location="cpu")
     handler = cls(
         model_class,
         device=device if device is not None else "cpu",

@@ -734,10 +734,12 @@ class NNHandler:
         strategy: str | None = None,
         fsdp: dict[str, Any] | None = None,
     ) -> NNHandler:
-        """Rebuild a working handler from a file written by :meth:`save`.
+        """Rebuild a working handler from a file written by :meth:`save`, or a folder.
 
         ``strategy="fsdp"`` (and ``fsdp={...}``) loads an ordinary file (single-process, DDP
-        or ``full=True``) into a sharded run under torchrun: each rank takes its shards.
+        or ``full=True``) into a sharded run under torchrun: each rank takes its shards. A
+        sharded checkpoint folder (saved under FSDP) loads on any number of ranks or in one
+        process; it restores FSDP (its options, or ``fsdp``) unless ``strategy="ddp"``.
 
         ``skip_*`` leave that part at its fresh default. Stored model source is executed
         only with ``trust_model_code=True`` (when the class can no longer be imported).

@@ -39,6 +39,7 @@ from nnh.handler.finite import (
 )
 from nnh.handler.full_state import is_sharded, write_full_checkpoint
 from nnh.handler.persistence import handler_payload
+from nnh.handler.sharded_io import save_sharded_now, write_sharded
 
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
@@ -75,9 +76,13 @@ def write_checkpoint(
     """
     if not isinstance(full, bool):
         raise TypeError(f"save(full=...) must be True or False, got {full!r}")
-    if full and is_sharded(handler.module):
+    if full and is_sharded(handler.module):  # FSDP, one file: gathered to rank 0
         write_full_checkpoint(handler, path, include_datasets=include_datasets, resume=resume,
                               guard_replace=guard_replace)  # fmt: skip
+        return
+    if is_sharded(handler.module):  # FSDP: a folder of per-rank shards
+        write_sharded(handler, path, resume=resume, include_datasets=include_datasets,
+                      guard_replace=guard_replace)  # fmt: skip
         return
     _refuse_non_finite(handler, path, resume)
     dist = handler._dist
@@ -167,6 +172,10 @@ def submit_checkpoint(
             f"save({path!r}, full=True, blocking=False): one file gathered from FSDP shards is "
             "written blocking only (every rank joins the gathers); use blocking=True"
         )
+    if is_sharded(handler.module):  # FSDP: every rank writes its shards, now (see sharded_io)
+        return save_sharded_now(handler, path, resume=resume, include_datasets=include_datasets,
+                                guard_replace=guard_replace, after=after,
+                                warn_if_refused=warn_if_refused)  # fmt: skip
     if not handler._dist.is_main:
         done = SaveHandle(Path(path))
         done._future.set_result(Path(path))
