@@ -108,7 +108,9 @@ def main() -> None:
     if args.quick:
         args.epochs, args.ema, args.steps = [10, 40], args.ema[:1], 300
     floor = sharpness(two_moons(args.samples, args.noise, seed=5), moons_curve())
-    print(f"data (noise {args.noise}): mean distance {floor['mean_dist']:.4f}, off {floor['off_moons']}")
+    print(
+        f"data (noise {args.noise}): mean distance {floor['mean_dist']:.4f}, off {floor['off_moons']}"
+    )
     print("epochs ema | loss | raw: mean_dist off_moons | ema: mean_dist off_moons | train time")
     results = {"data": floor, "runs": [run(sorted(args.epochs), d, args.noise, args.samples,
                                            args.steps) for d in args.ema]}  # fmt: skip
