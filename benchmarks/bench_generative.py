@@ -18,7 +18,12 @@ std and flow error (RMS distance to a converged solve from the same prior draw),
 when ``k_diffusion`` is installed (``pip install k-diffusion --no-deps``), k-diffusion's on
 the same exact score (see ``flow_table.py``).
 
-    python benchmarks/bench_generative.py [--n 20000] [--quick] [--flow | --likelihood] [--json out.json]
+``--corrector`` (issue 20) prints instead the predictor-corrector's bias at 400 calls (and
+1000), per-sample corrector against the seed's batch-mean rule and EM, over several seeds
+(``--seeds``, default 5; see ``corrector_table.py``).
+
+    python benchmarks/bench_generative.py [--n 20000] [--quick]
+        [--flow | --likelihood | --corrector] [--json out.json]
 """
 
 from __future__ import annotations
@@ -116,6 +121,8 @@ def main() -> None:
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument("--flow", action="store_true", help="the ODE samplers' flow-error table")
     parser.add_argument("--likelihood", action="store_true", help="the likelihood bias/calls table")
+    parser.add_argument("--corrector", action="store_true", help="the pc corrector's bias table")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per row of --corrector")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.likelihood:
@@ -123,6 +130,9 @@ def main() -> None:
         return
     if args.flow:
         flow_main(args)
+        return
+    if args.corrector:
+        corrector_main(args)
         return
     results: dict[str, list[dict]] = {}
     for name, sde_class in (("VP", VPSDE), ("VE", VESDE)):
@@ -258,6 +268,17 @@ def likelihood_main(args: argparse.Namespace) -> None:
                 f"  {method:6s} {divergence:10s} {options} | {rec.calls:4d}{own} | "
                 f"{row['bias']:+.5f} +- {row['bias_se']:.5f} | {row['max_abs_err']:.4f} | {seconds:.1f}"
             )
+def corrector_main(args: argparse.Namespace) -> None:
+    from corrector_table import corrector_table
+
+    seeds = 2 if args.quick else args.seeds
+    results = {}
+    for name, sde in (("VE", VESDE()), ("VP", VPSDE())):
+        print(
+            f"\n{name} ({seeds} seeds x {args.n}): sampler grid calls | per-mode std error "
+            "(w 0.4 0.3 0.2 0.1) | bias ± SE | seed 0 max std/weight err | s/run"
+        )
+        results[name] = corrector_table(sde, args.n, seeds, 250 if args.quick else 500)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -6,8 +6,8 @@ SDE's kernel (closed form), so every error below is the sampler's own. 20 000 sa
 Monte-Carlo SE of a weight <= 0.0035, of the 0.1-mode's std ~1.1 %.
 
 Measured on this machine (seed 0, float32, see docs/generative.md):
-VP ode Heun 50: weights 0.008, std 2.6 %; pc 200: 0.007, 2.5 %; ode Heun edm 20: 0.011, 2.9 %.
-VE ode Heun 50: weights 0.010, std 2.5 %; pc 200: 0.004, 2.2 %; ode Heun edm 20: 0.012, 11.5 %,\nRK4 edm 10 (40 calls): 0.009, 4.1 %.
+VP ode Heun 50: weights 0.008, std 2.6 %; pc 200: 0.004, 2.4 %; ode Heun edm 20: 0.011, 2.9 %.
+VE ode Heun 50: weights 0.010, std 2.5 %; pc 200: 0.003, 2.4 %; ode Heun edm 20: 0.012, 11.5 %,\nRK4 edm 10 (40 calls): 0.009, 4.1 %.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Pure one-step functions of the new samplers, beside :func:`~nnh.generative.steps.em_sde_step`.
 
 - :func:`langevin_corrector_step`: one Langevin MCMC step at fixed ``t`` (the corrector of
-  Song et al. 2021's predictor-corrector sampler).
+  Song et al. 2021's predictor-corrector sampler), its step size per sample from ``sigma(t)``.
 - :func:`probability_flow_step`: one Euler/Heun/RK4 step of the probability-flow ODE
   backwards in time (the deterministic sampler).
 - :func:`tweedie_denoise`: the posterior mean ``E[x_0 | x_t]`` from the score.
@@ -23,30 +23,54 @@ __all__ = ["langevin_corrector_step", "probability_flow_step", "tweedie_denoise"
 
 
 def langevin_corrector_step(
-    score_fn: ScoreFn, t: Time, x: torch.Tensor, noise: torch.Tensor, snr: float
+    sde: SDE,
+    score_fn: ScoreFn,
+    t: Time,
+    x: torch.Tensor,
+    noise: torch.Tensor,
+    snr: float,
+    dt: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Langevin step ``x + eps s + sqrt(2 eps) z`` at fixed ``t``; returns ``(x_next, x_mean)``.
 
-    The step size follows Song et al. (2021): ``eps = 2 (snr ||z|| / ||s||)^2`` with the
-    norms averaged over the batch (``||.||`` over each sample's entries), so the noise added
-    is ``snr`` times the drift's size (zero noise gives a zero step). Calls ``score_fn`` once;
-    no host sync.
+    The step size is Song et al.'s (2021) ``eps = 2 alpha (snr ||z|| / ||s||)^2`` with both
+    norms replaced by their expectations under the marginal ``p_t``, so it is computed per
+    sample from ``t`` alone: ``E||z||^2 = d`` and ``E||s||^2 <= d / sigma(t)^2`` (``x_t`` is
+    ``mu x_0`` plus ``N(0, sigma^2 I)``, and adding independent noise cannot raise the Fisher
+    information above the noise's own), giving ``eps_i = 2 alpha_i snr^2 sigma(t_i)^2``.
+    ``snr`` stays the drift-to-noise ratio ``||eps s|| / ||sqrt(2 eps) z||`` of a sample
+    whose score has that largest expected size. Why not the sample's own norms: a step that
+    depends on ``x`` changes the chain's stationary law from ``p_t`` to ``p_t / eps(x)``
+    (a first-order bias), and ``||z_i|| / ||s_i||`` is heavy-tailed in low dimension; the
+    batch means of the norms make a sample's step depend on the other samples. With this
+    rule a step on the exact score of Gaussian data of variance ``v`` widens its stationary
+    std by at most ``snr^2 / 2`` (``eps <= 2 snr^2 v``). ``dt``: the predictor step that
+    follows; with it ``alpha = mu(t)^2 / mu(t - dt)^2`` (Song et al.'s ``alpha_i = 1 -
+    beta_i`` for VP, 1 for VE), without it ``alpha = 1``. One ``score_fn`` call; no host sync.
 
     Example:
+        >>> from nnh.generative.sde import VESDE
+        >>> sde = VESDE(sigma_min=0.01, sigma_max=50.0)
+        >>> t = torch.full((4,), 0.0)  # sigma(0) = 0.01, so eps = 2 * 0.1^2 * 0.01^2 = 2e-6
         >>> x, z = torch.ones(4, 2), torch.ones(4, 2)
-        >>> x_next, x_mean = langevin_corrector_step(lambda t, y: -y, 0.5, x, z, 0.1)
-        >>> round(x_mean[0, 0].item(), 4), round(x_next[0, 0].item(), 4)  # eps = 0.02
-        (0.98, 1.18)
+        >>> x_next, x_mean = langevin_corrector_step(sde, lambda t, y: -y, t, x, z, 0.1)
+        >>> round(x_mean[0, 0].item(), 6), round(x_next[0, 0].item(), 6)
+        (0.999998, 1.001998)
     """
     if noise.shape != x.shape:
         raise ValueError(f"noise must be shaped like x {tuple(x.shape)}, got {tuple(noise.shape)}")
-    if not (isinstance(snr, (int, float)) and snr > 0):
-        raise ValueError(f"snr must be a number > 0, got {snr!r}")
+    if isinstance(snr, bool) or not (
+        isinstance(snr, (int, float)) and math.isfinite(snr) and snr > 0
+    ):
+        raise ValueError(f"snr must be a finite number > 0, got {snr!r}")
+    if not isinstance(t, torch.Tensor) and not math.isfinite(t):
+        raise ValueError(f"t must be a finite time, got {t!r}")
+    tt = as_time_tensor(t, x)
+    step = 2 * snr**2 * expand_time(sde.sigma(tt), x) ** 2
+    if dt is not None:
+        _check_dt(dt)
+        step = step * (expand_time(sde.mu(tt), x) / expand_time(sde.mu(tt - dt), x)) ** 2
     score = score_fn(t, x)
-    batch = x.shape[0]
-    grad_norm = score.reshape(batch, -1).norm(dim=-1).mean()
-    noise_norm = noise.reshape(batch, -1).norm(dim=-1).mean()
-    step = 2 * (snr * noise_norm / grad_norm) ** 2
     x_mean = x + step * score
     return x_mean + torch.sqrt(2 * step) * noise, x_mean
 

@@ -303,7 +303,7 @@ def _integrate(
         else:
             y = x
             for _ in range(corrector_steps if method == "pc" else 0):
-                y, _ = langevin_corrector_step(score, t, y, noise(), snr)
+                y, _ = langevin_corrector_step(sde, score, t, y, noise(), snr, dt)
             z = torch.zeros_like(y) if last else noise()
             y_next, y_mean = em_sde_step(sde, score, t, y, dt, z)
             x_next = y_mean if last else y_next
