@@ -18,7 +18,7 @@ std and flow error (RMS distance to a converged solve from the same prior draw),
 when ``k_diffusion`` is installed (``pip install k-diffusion --no-deps``), k-diffusion's on
 the same exact score (see ``flow_table.py``).
 
-    python benchmarks/bench_generative.py [--n 20000] [--quick] [--flow | --likelihood] [--json out.json]
+    python benchmarks/bench_generative.py [--n 20000] [--quick] [--flow [--seed S] [--moons] [--calls 10,20] | --likelihood] [--json out.json]
 """
 
 from __future__ import annotations
@@ -116,6 +116,9 @@ def main() -> None:
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument("--flow", action="store_true", help="the ODE samplers' flow-error table")
     parser.add_argument("--likelihood", action="store_true", help="the likelihood bias/calls table")
+    parser.add_argument("--seed", type=int, default=0, help="--flow: the prior draw")
+    parser.add_argument("--moons", action="store_true", help="--flow: the two-moons mixture")
+    parser.add_argument("--calls", type=str, default=None, help="--flow: e.g. 20 or 10,20")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.likelihood:
@@ -156,7 +159,11 @@ def flow_main(args: argparse.Namespace) -> None:
     results = {}
     for name, sde in (("VE", VESDE()), ("VP", VPSDE())):
         print(f"\n{name}: sampler grid | calls | weight_err std_err flow_err")
-        rows = results[name] = flow_table(sde, args.n, kd, (10, 20) if args.quick else (10, 20, 40))
+        calls = (10, 20) if args.quick else (10, 20, 40)
+        if args.calls:
+            calls = tuple(int(c) for c in args.calls.split(","))
+        data = "moons" if args.moons else "mixture"
+        rows = results[name] = flow_table(sde, args.n, kd, calls, args.seed, data)
         for r in rows:
             print(
                 f"  {r['sampler']:26s} {r['grid']:7s} | {r['calls']:4d} | "

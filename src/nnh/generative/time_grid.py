@@ -85,7 +85,7 @@ def check_data_scale(data_scale: float | None) -> float | None:
 
 
 def level_cap(sde: SDE, data_scale: float | None) -> float | None:
-    """The noise level the first step jumps to: ``CAP_FACTOR * data_scale`` when below ``lambda(T)``, else None.
+    """The level the first step jumps to: ``CAP_FACTOR * data_scale`` when below ``lambda(T)``, else None.
 
     Example:
         >>> from nnh.generative.sde import VPSDE
@@ -96,7 +96,7 @@ def level_cap(sde: SDE, data_scale: float | None) -> float | None:
     if data_scale is None:
         return None
     cap = CAP_FACTOR * data_scale
-    return cap if cap < float(noise_level(sde, sde.T)) else None
+    return cap if cap < (1 - 1e-6) * float(noise_level(sde, sde.T)) else None  # 1e-6: rounding
 
 
 def _check_grid_args(sde: SDE, steps: int, t_end: float) -> float:
