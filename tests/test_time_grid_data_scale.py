@@ -71,6 +71,19 @@ def test_data_scale_on_the_uniform_grid_is_refused():
         time_grid(VPSDE(), 10, 1e-3, "uniform", data_scale=1.0)
 
 
+@pytest.mark.parametrize("method", ["em", "pc", "ode"])
+def test_sample_sde_refuses_data_scale_on_the_uniform_grid_for_every_method(method):
+    calls = []
+
+    def score(t, x):
+        calls.append(1)
+        return -x
+
+    with pytest.raises(ValueError, match=r"data_scale=1.0 applies to the noise-level grids"):
+        sample_sde(VPSDE(), score, (4, 2), 10, method=method, data_scale=1.0)
+    assert calls == []
+
+
 def test_a_cap_below_the_grid_floor_is_refused():
     with pytest.raises(ValueError, match=r"data_scale=0.0001 puts the first step's target"):
         time_grid(VPSDE(), 10, 1e-3, "edm", data_scale=1e-4)
