@@ -23,7 +23,7 @@ the same exact score (see ``flow_table.py``).
 (``--seeds``, default 5; see ``corrector_table.py``).
 
     python benchmarks/bench_generative.py [--n 20000] [--quick]
-        [--flow | --likelihood | --corrector] [--json out.json]
+        [--flow [--seed S] [--moons] [--calls 10,20] | --likelihood | --corrector] [--json out.json]
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--likelihood", action="store_true", help="the likelihood bias/calls table")
     parser.add_argument("--corrector", action="store_true", help="the pc corrector's bias table")
     parser.add_argument("--seeds", type=int, default=5, help="seeds per row of --corrector")
+    parser.add_argument("--seed", type=int, default=0, help="--flow: the prior draw")
+    parser.add_argument("--moons", action="store_true", help="--flow: the two-moons mixture")
+    parser.add_argument("--calls", type=str, default=None, help="--flow: e.g. 20 or 10,20")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.likelihood:
@@ -166,7 +169,11 @@ def flow_main(args: argparse.Namespace) -> None:
     results = {}
     for name, sde in (("VE", VESDE()), ("VP", VPSDE())):
         print(f"\n{name}: sampler grid | calls | weight_err std_err flow_err")
-        rows = results[name] = flow_table(sde, args.n, kd, (10, 20) if args.quick else (10, 20, 40))
+        calls = (10, 20) if args.quick else (10, 20, 40)
+        if args.calls:
+            calls = tuple(int(c) for c in args.calls.split(","))
+        data = "moons" if args.moons else "mixture"
+        rows = results[name] = flow_table(sde, args.n, kd, calls, args.seed, data)
         for r in rows:
             print(
                 f"  {r['sampler']:26s} {r['grid']:7s} | {r['calls']:4d} | "

@@ -7,11 +7,18 @@ the same prior draw. k-diffusion's samplers run when ``k_diffusion`` is installe
 (``pip install k-diffusion --no-deps``): only its ``sampling.py`` is loaded (the package
 imports vision extras), on its Karras sigmas from ``lambda(T)`` down to ``lambda(t_end)``,
 in the rescaled variables ``x / mu`` with the Tweedie denoiser of the same score.
+
+Rows marked ``edm+ds`` pass ``data_scale`` (the data's per-coordinate std, 1.41 for the
+mixture) so that the edm grid's first step jumps from ``lambda(T)`` to ``5 * data_scale``.
+``seed`` picks the prior draw (the reference and k-diffusion use the same one); ``data="moons"``
+swaps the 4-mode mixture for a two-moons mixture (128 Gaussians of std 0.08 on two arcs; no
+mode metrics, flow error only).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 import types
 from pathlib import Path
@@ -26,7 +33,8 @@ from nnh.generative.samplers import sample_sde
 from nnh.generative.time_grid import noise_level
 
 NNH_ROWS = [("Euler", "edm"), ("Heun", "edm"), ("RK4", "edm"), ("dpm++2m", "edm"),
-            ("dpm++2m", "logsnr"), ("dpm++3m", "edm"), ("unipc", "edm")]  # fmt: skip
+            ("dpm++2m", "logsnr"), ("dpm++3m", "edm"), ("unipc", "edm"),
+            ("dpm++2m", "edm+ds"), ("dpm++3m", "edm+ds"), ("unipc", "edm+ds")]  # fmt: skip
 KD_ROWS = ["sample_euler", "sample_heun", "sample_dpm_2", "sample_dpmpp_2m", "sample_dpmpp_3m_sde"]
 CALLS = (10, 20, 40)
 
@@ -101,25 +109,52 @@ def run_k_diffusion(kd, name: str, sde: SDE, model, x_T: torch.Tensor, calls: in
     return mu_end * x_hat, counter[0]
 
 
-def flow_table(sde: SDE, n: int, kd=None, calls_list=CALLS) -> list[dict]:
+def two_moons(k: int = 64, std: float = 0.08) -> tuple[list[float], list[list[float]], float]:
+    """(weights, means, std) of a two-moons mixture: ``k`` Gaussians on each arc, centred."""
+    a = torch.linspace(0, math.pi, k, dtype=torch.float64)
+    upper = torch.stack([torch.cos(a), torch.sin(a)], 1)
+    lower = torch.stack([1 - torch.cos(a), 0.5 - torch.sin(a)], 1)
+    means = torch.cat([upper, lower]) - torch.tensor([0.5, 0.25], dtype=torch.float64)
+    return [1 / (2 * k)] * (2 * k), means.tolist(), std
+
+
+def data_std(model: MixtureExactScore) -> float:
+    """The mixture's per-coordinate std (what ``data_scale`` means)."""
+    w = torch.tensor(model.weights, dtype=torch.float64)
+    m = torch.tensor(model.means, dtype=torch.float64)
+    centred = m - (w[:, None] * m).sum(0)
+    return math.sqrt(float((w * centred.pow(2).sum(1)).sum()) / m.shape[1] + model.std**2)
+
+
+def flow_table(
+    sde: SDE, n: int, kd=None, calls_list=CALLS, seed: int = 0, data: str = "mixture"
+) -> list[dict]:
     """Rows of (sampler, grid, calls, weight_err, std_err, flow_err) for ``sde``."""
-    model = MixtureExactScore(sde_config=sde.config())
+    if data == "moons":
+        model = MixtureExactScore(*two_moons(), sde_config=sde.config())
+    else:
+        model = MixtureExactScore(sde_config=sde.config())
+    scale = data_std(model)
     counter = [0]
     score = _score_fn(sde, model, counter)
 
     def nnh(ode_method: str, grid: str, steps: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(seed)
+        extra = {"data_scale": scale} if grid.endswith("+ds") else {}
         return sample_sde(sde, score, (n, 2), steps, method="ode", ode_method=ode_method,
-                          time_grid=grid, generator=g)  # fmt: skip
+                          time_grid=grid.removesuffix("+ds"), generator=g, **extra)  # fmt: skip
+
+    def errors(x: torch.Tensor) -> tuple[float, float]:
+        return mixture_errors(x, sde) if data != "moons" else (float("nan"), float("nan"))
 
     reference = nnh("RK4", "edm", 250)
     rows = [{"sampler": "reference RK4", "grid": "edm", "calls": 1000,
-             **dict(zip(("weight_err", "std_err"), (round(v, 4) for v in mixture_errors(reference, sde)))),
+             **dict(zip(("weight_err", "std_err"), (round(v, 4) for v in errors(reference)))),
              "flow_err": 0.0}]  # fmt: skip
-    x_T = sde.prior((n, 2), generator=torch.Generator().manual_seed(0))
+    x_T = sde.prior((n, 2), generator=torch.Generator().manual_seed(seed))
 
     def row(sampler: str, grid: str, calls: int, x: torch.Tensor) -> dict:
-        w, s = mixture_errors(x, sde)
+        w, s = errors(x)
         flow = float((x - reference).pow(2).sum(-1).mean().sqrt())
         return {"sampler": sampler, "grid": grid, "calls": calls, "weight_err": round(w, 4),
                 "std_err": round(s, 4), "flow_err": round(flow, 4)}  # fmt: skip

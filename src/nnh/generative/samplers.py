@@ -44,7 +44,7 @@ from nnh.generative.steps import (
     em_sde_step,
     evaluations_per_step,
 )
-from nnh.generative.time_grid import check_time_grid
+from nnh.generative.time_grid import check_data_scale, check_time_grid
 from nnh.generative.time_grid import time_grid as make_time_grid
 from nnh.generative.unipc import UniPCHistory, unipc_step
 from nnh.warn import warn as nnh_warn
@@ -197,6 +197,7 @@ def sample_sde(
     stop_on_nan: bool = True,
     progress: Progress | None = None,
     t_end: float | None = None,
+    data_scale: float | None = None,
 ) -> torch.Tensor:
     """Samples ``[B, ...]`` with ``method`` in ``steps`` steps from ``T`` down to ``t_end`` (default ``epsilon``).
 
@@ -205,7 +206,10 @@ def sample_sde(
     ratio ``snr``, then the EM predictor; Song et al. 2021), ``"ode"`` (the probability-flow
     ODE with ``ode_method`` ``"Euler"``/``"Heun"``/``"RK4"`` or the one-call-per-step
     ``"dpm++2m"``/``"dpm++3m"``/``"unipc"``, whose order-2 methods take their last two steps
-    at first order: deterministic given the prior sample). ``time_grid``: ``"uniform"`` or ``"edm"`` (:func:`~nnh.generative.time_grid.edm_grid`).
+    at first order: deterministic given the prior sample). ``time_grid``: ``"uniform"``, ``"edm"``
+    (:func:`~nnh.generative.time_grid.edm_grid`) or ``"logsnr"``. ``data_scale`` (noise-level grids
+    only): the data's per-coordinate std; the first step then jumps from ``lambda(T)`` to
+    ``5 * data_scale`` (:func:`~nnh.generative.time_grid.level_cap`; best with ``"unipc"``).
     ``denoise``: finish with Tweedie's step :func:`~nnh.generative.sampler_steps.tweedie_denoise`
     at ``t_end``. ``guidance_fn(t, x)`` times ``guidance_factor`` is added to every score.
 
@@ -230,6 +234,8 @@ def sample_sde(
     t_end = sde.epsilon if t_end is None else float(t_end)
     if not (0.0 <= t_end < sde.T):
         raise ValueError(f"t_end must be in [0, T) = [0, {sde.T}), got {t_end}")
+    if check_data_scale(data_scale) is not None:  # its named errors before any model call
+        make_time_grid(sde, steps, t_end, time_grid, data_scale)
     score = _first_call_checked(_guided(score_fn, guidance_fn, guidance_factor), shape)
     if method == "em" and time_grid == "uniform":
         x = sample_reverse_sde(
@@ -247,7 +253,7 @@ def sample_sde(
             t_end=t_end,
         )
     else:
-        times = make_time_grid(sde, steps, t_end, time_grid)
+        times = make_time_grid(sde, steps, t_end, time_grid, data_scale)
         x = _integrate(
             sde, score, shape, times, method, ode_method, corrector_steps, snr,
             generator, device, dtype, stop_on_nan, progress,

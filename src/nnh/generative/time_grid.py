@@ -13,16 +13,34 @@ The grid rule for small noise: the noise-level grids run down to
 last time is always ``t_end``. Below the floor the denoised sample no longer moves, so on an
 SDE whose ``lambda(t_end)`` is tiny (sub-VP: ``lambda(1e-5) ~ 1e-6``) the steps are not spent
 there; the last step jumps from the floor to ``t_end``.
+
+The grid rule for large noise (``data_scale``, issue 20): the noise-level grids start at
+``lambda(T)``, which the SDE fixes for the largest data it was designed for (VE's
+``sigma_max`` >= the data's largest pairwise distance, Song & Ermon 2020). When the data's
+per-coordinate std ``s = data_scale`` is known and ``lambda_cap = CAP_FACTOR * s`` is below
+``lambda(T)``, the first step jumps from ``lambda(T)`` straight to ``lambda_cap`` and the other
+``steps - 1`` follow the grid from ``lambda_cap`` down. Above ``lambda_cap`` the marginal is
+within a few per cent of the Gaussian ``N(mean, (s^2 + lambda^2) I)``, on which the
+data-prediction step is nearly exact: one first-order step from ``lambda_0`` to ``lambda_1`` for
+Gaussian data of std ``s`` errs by ``~ s^2 / (2 lambda_1)`` against a noise of ``lambda_1``, a
+relative ``s^2 / (2 lambda_1^2)`` = 2 % at ``lambda_1 = 5 s``. ``CAP_FACTOR = 5`` was chosen by
+measurement (``benchmarks/flow_table.py``: VE and VP, the 4-mode mixture and a two-moons
+mixture, seeds 0-2; see docs/generative.md). ``data_scale=None`` (the default) keeps the grid
+fixed by the SDE alone.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from nnh.generative.sde import SDE
 
 __all__ = [
+    "CAP_FACTOR",
     "TIME_GRIDS",
+    "check_data_scale",
     "check_time_grid",
     "edm_grid",
     "logsnr_grid",
@@ -33,6 +51,7 @@ __all__ = [
 
 TIME_GRIDS = ("uniform", "edm", "logsnr")
 LAMBDA_FLOOR = 2e-3
+CAP_FACTOR = 5.0
 
 
 def check_time_grid(name: str) -> str:
@@ -45,6 +64,39 @@ def check_time_grid(name: str) -> str:
     if not (isinstance(name, str) and name.lower() in TIME_GRIDS):
         raise ValueError(f"time_grid={name!r}: use one of {TIME_GRIDS} (case-insensitive)")
     return name.lower()
+
+
+def check_data_scale(data_scale: float | None) -> float | None:
+    """``data_scale`` as a float (``None`` passes), else a ``ValueError`` naming ``data_scale``.
+
+    Example:
+        >>> check_data_scale(1), check_data_scale(None)
+        (1.0, None)
+    """
+    if data_scale is None:
+        return None
+    bad = isinstance(data_scale, bool) or not isinstance(data_scale, (int, float))
+    if bad or not (math.isfinite(data_scale) and data_scale > 0):
+        raise ValueError(
+            f"data_scale must be None or a finite number > 0 (the data's per-coordinate "
+            f"std), got {data_scale!r}"
+        )
+    return float(data_scale)
+
+
+def level_cap(sde: SDE, data_scale: float | None) -> float | None:
+    """The level the first step jumps to: ``CAP_FACTOR * data_scale`` when below ``lambda(T)``, else None.
+
+    Example:
+        >>> from nnh.generative.sde import VPSDE
+        >>> level_cap(VPSDE(), 1.0), level_cap(VPSDE(), 100.0), level_cap(VPSDE(), None)
+        (5.0, None, None)
+    """
+    data_scale = check_data_scale(data_scale)
+    if data_scale is None:
+        return None
+    cap = CAP_FACTOR * data_scale
+    return cap if cap < (1 - 1e-6) * float(noise_level(sde, sde.T)) else None  # 1e-6: rounding
 
 
 def _check_grid_args(sde: SDE, steps: int, t_end: float) -> float:
@@ -93,10 +145,14 @@ def _invert_noise_level(sde: SDE, levels: torch.Tensor, t_end: float) -> torch.T
     return 0.5 * (lo + hi)
 
 
-def edm_grid(sde: SDE, steps: int, t_end: float, rho: float = 7.0) -> list[float]:
+def edm_grid(
+    sde: SDE, steps: int, t_end: float, rho: float = 7.0, data_scale: float | None = None
+) -> list[float]:
     """Karras et al.'s schedule: ``lambda_i^(1/rho)`` equally spaced from ``lambda(T)`` to ``lambda(t_end)``.
 
     The first and last times are exactly ``T`` and ``t_end``; steps are small at low noise.
+    With ``data_scale`` (the data's per-coordinate std) the first step jumps to
+    :func:`level_cap` and the schedule runs from there (see the module's docstring).
 
     Example:
         >>> from nnh.generative.sde import VESDE
@@ -104,10 +160,33 @@ def edm_grid(sde: SDE, steps: int, t_end: float, rho: float = 7.0) -> list[float
         >>> grid[0], grid[-1], all(a > b for a, b in zip(grid, grid[1:]))
         (1.0, 1e-05, True)
     """
-    hi, lo = _level_range(sde, steps, t_end)
-    frac = torch.arange(steps + 1, dtype=torch.float64) / steps
+    hi, lo, n = _capped_range(sde, steps, t_end, data_scale)
+    frac = torch.arange(n + 1, dtype=torch.float64) / n
     levels = (hi ** (1 / rho) + frac * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-    return _times_of(sde, levels, t_end)
+    return _times_of(sde, _with_top(sde, levels, n, steps), t_end)
+
+
+def _capped_range(
+    sde: SDE, steps: int, t_end: float, data_scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(top, bottom, steps) of the schedule: from ``lambda(T)``, or from the cap in ``steps - 1``."""
+    hi, lo = _level_range(sde, steps, t_end)
+    cap = level_cap(sde, data_scale)
+    if cap is None or steps < 2:
+        return hi, lo, steps
+    if not cap > float(lo):
+        raise ValueError(
+            f"data_scale={data_scale!r} puts the first step's target lambda = {CAP_FACTOR} * "
+            f"data_scale = {cap:.3g} at or below the grid's lowest level {float(lo):.3g}: "
+            f"use a larger data_scale or None"
+        )
+    return torch.tensor(cap, dtype=torch.float64), lo, steps - 1
+
+
+def _with_top(sde: SDE, levels: torch.Tensor, n: int, steps: int) -> torch.Tensor:
+    if n == steps:
+        return levels
+    return torch.cat([noise_level(sde, sde.T).reshape(1), levels])
 
 
 def _level_range(sde: SDE, steps: int, t_end: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,8 +218,10 @@ def _times_of(sde: SDE, levels: torch.Tensor, t_end: float) -> list[float]:
     return times
 
 
-def logsnr_grid(sde: SDE, steps: int, t_end: float) -> list[float]:
+def logsnr_grid(sde: SDE, steps: int, t_end: float, data_scale: float | None = None) -> list[float]:
     """``steps + 1`` times with ``log lambda`` equally spaced from ``lambda(T)`` to ``max(lambda(t_end), 2e-3)``.
+
+    ``data_scale``: the first step jumps to :func:`level_cap`, as in :func:`edm_grid`.
 
     Example:
         >>> from nnh.generative.sde import VESDE
@@ -148,13 +229,23 @@ def logsnr_grid(sde: SDE, steps: int, t_end: float) -> list[float]:
         >>> grid[0], grid[-1], all(a > b for a, b in zip(grid, grid[1:]))
         (1.0, 1e-05, True)
     """
-    hi, lo = _level_range(sde, steps, t_end)
-    frac = torch.arange(steps + 1, dtype=torch.float64) / steps
-    return _times_of(sde, torch.exp(hi.log() + frac * (lo.log() - hi.log())), t_end)
+    hi, lo, n = _capped_range(sde, steps, t_end, data_scale)
+    frac = torch.arange(n + 1, dtype=torch.float64) / n
+    levels = torch.exp(hi.log() + frac * (lo.log() - hi.log()))
+    return _times_of(sde, _with_top(sde, levels, n, steps), t_end)
 
 
-def time_grid(sde: SDE, steps: int, t_end: float, name: str = "uniform") -> list[float]:
+def time_grid(
+    sde: SDE,
+    steps: int,
+    t_end: float,
+    name: str = "uniform",
+    data_scale: float | None = None,
+) -> list[float]:
     """The ``steps + 1`` times of grid ``name`` (``"uniform"``, ``"edm"``, ``"logsnr"``), from ``T`` to ``t_end``.
+
+    ``data_scale`` (the noise-level grids only): the data's per-coordinate std, which moves
+    the grid's high-noise end (see the module's docstring).
 
     Example:
         >>> from nnh.generative.sde import VPSDE
@@ -162,8 +253,14 @@ def time_grid(sde: SDE, steps: int, t_end: float, name: str = "uniform") -> list
         11
     """
     name = check_time_grid(name)
+    data_scale = check_data_scale(data_scale)
     if name == "uniform":
+        if data_scale is not None:
+            raise ValueError(
+                f"data_scale={data_scale!r} applies to the noise-level grids 'edm' and "
+                f"'logsnr', not time_grid='uniform'"
+            )
         return uniform_grid(sde, steps, t_end)
     if name == "logsnr":
-        return logsnr_grid(sde, steps, t_end)
-    return edm_grid(sde, steps, t_end)
+        return logsnr_grid(sde, steps, t_end, data_scale)
+    return edm_grid(sde, steps, t_end, data_scale=data_scale)

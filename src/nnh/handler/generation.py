@@ -47,6 +47,8 @@ from nnh.generative.likelihood import (
 )
 from nnh.generative.samplers import check_sampler_options, sample_sde
 from nnh.generative.sampling import check_steps
+from nnh.generative.time_grid import check_data_scale
+from nnh.generative.time_grid import time_grid as make_time_grid
 from nnh.handler.data import fast_loader, move_to_device
 from nnh.handler.full_state import is_sharded
 from nnh.handler.inference import ema_weights
@@ -184,6 +186,7 @@ def handler_sample(
     snr: float = 0.16,
     denoise: bool = False,
     time_grid: str = "uniform",
+    data_scale: float | None = None,
 ) -> torch.Tensor | None:
     """``NNHandler.sample``: see its docstring. Checks every argument before any work."""
     sde = handler._require_sde("sample")
@@ -192,6 +195,8 @@ def handler_sample(
     method, ode_method = check_sampler_options(
         method, ode_method, corrector_steps, snr, time_grid, denoise, guidance_factor
     )
+    if check_data_scale(data_scale) is not None:
+        make_time_grid(sde, steps, sde.epsilon, time_grid, data_scale)
     _check_condition_batch(condition, shape[0])
     dist = handler._dist
     split = dist.enabled and not _RANK_LOCAL.get()
@@ -225,6 +230,7 @@ def handler_sample(
                     snr=snr,
                     denoise=denoise,
                     time_grid=time_grid,
+                    data_scale=data_scale,
                     generator=generator,
                     device=handler.device,
                     guidance_fn=likelihood_score_fn,

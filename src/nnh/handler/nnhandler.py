@@ -1010,6 +1010,7 @@ class NNHandler:
         snr: float = 0.16,
         denoise: bool = False,
         time_grid: str = "uniform",
+        data_scale: float | None = None,
     ) -> torch.Tensor | None:
         """Samples ``shape`` from the model: reverse-SDE ``"em"``, predictor-corrector ``"pc"`` or ``"ode"``.
 
@@ -1020,7 +1021,8 @@ class NNHandler:
         ``"ode"``: the probability-flow ODE with ``ode_method`` (``"Euler"``, ``"Heun"``,
         ``"RK4"``, or the one-call-per-step ``"dpm++2m"``/``"dpm++3m"``/``"unipc"``). ``time_grid``:
         ``"uniform"``, ``"edm"`` or ``"logsnr"``; names are case-insensitive; ``denoise``
-        (a bool): a final Tweedie step. Noise comes from the global generator (seed it with ``handler.seed``). Under
+        (a bool): a final Tweedie step. ``data_scale``: the data's per-coordinate std, moving the
+        noise-level grids' first step (see :mod:`nnh.generative.time_grid`). Noise comes from the global generator (seed it with ``handler.seed``). Under
         DDP every rank must call it: the ``shape[0]`` samples are split across ranks and
         rank 0 returns all of them, the others ``None``. See :mod:`nnh.handler.generation`.
 
@@ -1056,6 +1058,7 @@ class NNHandler:
             snr=snr,
             denoise=denoise,
             time_grid=time_grid,
+            data_scale=data_scale,
         )
 
     def log_likelihood(
