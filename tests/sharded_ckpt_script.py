@@ -78,8 +78,9 @@ def main() -> None:
         h.train(epochs=2, **TRAIN)
         result["e2"] = snapshot(h)
         h.save(os.path.join(out, "e2.pth"))
-        handle = h.save(os.path.join(out, "bg.pth"), blocking=False)  # written now under FSDP
-        result["bg"] = (handle.done(), str(handle.result()))
+        handle = h.save(os.path.join(out, "bg.pth"), blocking=False)  # written in the background
+        written = str(handle.result())
+        result["bg"] = (handle.done(), written)
         h.train(epochs=2, **TRAIN)
         result["e4"] = snapshot(h)
         result["step_path"] = str(h.auto_saver.step_path())

@@ -257,6 +257,21 @@ class _Teardown:
     group: Any = None
     created_by_nnh = False
     registered = False
+    # run first at exit, newest first, while the default group is still up (e.g. finishing
+    # background sharded saves and destroying their process group: nnh.distributed.async_group)
+    before: list[Any] = []
+
+
+def before_teardown(fn: Any) -> None:
+    """Run ``fn()`` at exit before nnh tears the default process group down (once per ``fn``).
+
+    Example:
+        >>> before_teardown(print); before_teardown(print); _Teardown.before.count(print)
+        1
+        >>> _Teardown.before.remove(print)
+    """
+    if fn not in _Teardown.before:
+        _Teardown.before.append(fn)
 
 
 def _drain_workers() -> None:
@@ -281,6 +296,9 @@ def _teardown_at_exit() -> None:
     Without torchrun (Slurm, plain env://) rank 0's process hosts the rendezvous store, so
     every rank reports its teardown to the store and rank 0 waits (bounded) for all.
     """
+    for fn in reversed(_Teardown.before):  # pending saves, then their own group, first
+        with contextlib.suppress(Exception):
+            fn()
     _drain_workers()
     if _Teardown.created_by_nnh and dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):

@@ -65,4 +65,5 @@ def init_fields(h: NNHandler, save_model_code: bool) -> None:
     h._target_epoch = 0
     h._run_id = new_run_id()
     h._saves: BackgroundWriter | None = None
+    h._sharded_saves: Any = None  # FSDP background folders (nnh.handler.sharded_async)
     h.stop_training = False

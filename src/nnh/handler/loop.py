@@ -378,8 +378,8 @@ def save_auto(h: NNHandler, logs: dict[str, Any]) -> None:
 def drain_saves_after(h: NNHandler, exc: BaseException) -> None:
     """Finish pending background saves after ``exc`` stopped training; report, not raise,
     their failures (``exc`` is the error to surface)."""
-    if h._saves is None:
-        return
-    for err in h._saves.wait():
+    from nnh.handler.saving import _writers
+
+    for err in (e for w in _writers(h) for e in w.wait()):
         if err is not exc:
             h._log(f"a background save failed while training stopped: {err}", logging.ERROR)

@@ -39,7 +39,8 @@ from nnh.handler.finite import (
 )
 from nnh.handler.full_state import is_sharded, write_full_checkpoint
 from nnh.handler.persistence import handler_payload
-from nnh.handler.sharded_io import save_sharded_now, write_sharded
+from nnh.handler.sharded_async import submit_sharded
+from nnh.handler.sharded_io import write_sharded
 
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
@@ -172,10 +173,10 @@ def submit_checkpoint(
             f"save({path!r}, full=True, blocking=False): one file gathered from FSDP shards is "
             "written blocking only (every rank joins the gathers); use blocking=True"
         )
-    if is_sharded(handler.module):  # FSDP: every rank writes its shards, now (see sharded_io)
-        return save_sharded_now(handler, path, resume=resume, include_datasets=include_datasets,
-                                guard_replace=guard_replace, after=after,
-                                warn_if_refused=warn_if_refused)  # fmt: skip
+    if is_sharded(handler.module):  # FSDP: staged now, written in the background (sharded_async)
+        return submit_sharded(handler, path, resume=resume, include_datasets=include_datasets,
+                              guard_replace=guard_replace, after=after,
+                              warn_if_refused=warn_if_refused)  # fmt: skip
     if not handler._dist.is_main:
         done = SaveHandle(Path(path))
         done._future.set_result(Path(path))
@@ -337,10 +338,7 @@ def _source(resume: dict[str, Any]) -> str:
 
 def wait_for_saves(handler: NNHandler, timeout: float | None = None) -> None:
     """Wait for the handler's background saves; raise the first one's error (naming its file)."""
-    writer = handler.__dict__.get("_saves")
-    if writer is None:
-        return
-    errors = writer.wait(timeout)
+    errors = [err for w in _writers(handler) for err in w.wait(timeout)]
     if errors:
         raise errors[0]
 
@@ -350,9 +348,14 @@ def raise_save_failures(handler: NNHandler) -> None:
     deferred copies of earlier saves are complete when this returns (it runs at every call
     into the handler that may change its state)."""
     writer = handler.__dict__.get("_saves")
-    if writer is None:
-        return
-    writer.wait_staged()
-    errors = writer.failures()
+    if writer is not None:
+        writer.wait_staged()
+    errors = [err for w in _writers(handler) for err in w.failures()]
     if errors:
         raise errors[0]
+
+
+def _writers(handler: NNHandler) -> list[Any]:
+    """The handler's background writers: files (BackgroundWriter), FSDP folders (ShardedSaver)."""
+    found = (handler.__dict__.get("_saves"), handler.__dict__.get("_sharded_saves"))
+    return [w for w in found if w is not None]

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from nnh.checkpoint import CheckpointError
-from nnh.checkpoint.background import SaveHandle
 from nnh.checkpoint.dcp_safe import SafeLoadPlanner, SafeReader
 from nnh.checkpoint.folder_commit import commit_folder, temp_folder_for
 from nnh.checkpoint.sharded import read_metadata, sharded_record, write_metadata
@@ -48,7 +46,15 @@ from nnh.handler.persistence import capture_rng, handler_payload, restore_rng
 if TYPE_CHECKING:  # pragma: no cover
     from nnh.handler import NNHandler
 
-__all__ = ["is_sharded", "load_sharded", "save_sharded_now", "write_sharded"]
+__all__ = [
+    "any_rank",
+    "begin_sharded",
+    "finish_sharded",
+    "is_sharded",
+    "load_sharded",
+    "sharded_details",
+    "write_sharded",
+]
 
 # per rank in a step checkpoint: where this rank's data stream and epoch sums stand
 _PER_RANK = ("epoch_start_rng", "step_rng", "sums")
@@ -152,12 +158,21 @@ def write_sharded(
 ) -> None:
     """Write ``handler``'s sharded checkpoint folder at ``path`` (every rank calls it; see
     the module docstring). Raises on every rank together."""
-    import os
-    import time
-
     import torch.distributed.checkpoint as dcp
 
     h = handler
+    name = begin_sharded(h, path, resume=resume, guard_replace=guard_replace)
+    tensors = _tensor_state(h)
+    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(name))
+    details = sharded_details(h, tensors, resume=resume, include_datasets=include_datasets)
+    finish_sharded(h, name, path, details, guard_replace=guard_replace)
+
+
+def begin_sharded(
+    h: NNHandler, path: str, *, resume: dict[str, Any] | None, guard_replace: bool
+) -> str:
+    """Steps 1 and 2 (on the default group, every rank at the call): the NaN check, then
+    rank 0's ownership check and temporary folder, whose name every rank returns."""
     _refuse_non_finite(h, path, resume)
     tmp: Path | None = None
     error: BaseException | None = None
@@ -172,71 +187,76 @@ def write_sharded(
         if error is not None:
             raise error
         raise RuntimeError(f"saving {path} failed on rank 0; see its error")
-    tensors = _tensor_state(h)
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(name))
+    return name
+
+
+def sharded_details(
+    h: NNHandler,
+    tensors: dict[str, Any],
+    *,
+    resume: dict[str, Any] | None,
+    include_datasets: bool,
+) -> dict[str, Any]:
+    """What the metadata records besides the shards, taken at the call: this rank's RNG
+    states and position, the saved tensor names and (rank 0) the non-tensor payload."""
+    mine: dict[str, Any] = {"global": capture_rng()}
+    if resume is not None:
+        mine["position"] = {k: resume.get(k) for k in _PER_RANK}  # this rank's position
+    out: dict[str, Any] = {"rank": mine, "tensors": {k: sorted(v) for k, v in tensors.items()}}
+    if h._dist.is_main:
+        out["payload"] = _metadata_payload(h, include_datasets, resume)
+    return out
+
+
+def finish_sharded(
+    h: NNHandler,
+    name: str,
+    path: str,
+    details: dict[str, Any],
+    *,
+    guard_replace: bool,
+    group: Any = None,
+) -> None:
+    """Steps 3-4 after the shards are written: hash them, gather the sums and RNG states
+    over ``group`` (default: the default group), rank 0 writes the metadata and commits.
+    Raises on every rank together."""
+    import os
+    import time
+
     delay = os.environ.get(_TEST_DELAY_ENV)
     if delay:
         time.sleep(float(delay))
-    rngs: list[Any] = [None] * h._dist.world_size
-    mine = {"global": capture_rng(), "sums": _own_file_sums(Path(name), h._dist.rank)}
-    if resume is not None:
-        mine["position"] = {k: resume.get(k) for k in _PER_RANK}  # this rank's position
-    dist.all_gather_object(rngs, mine)
+    world = dist.get_world_size(group)
+    rngs: list[Any] = [None] * world
+    mine = {**details["rank"], "sums": _own_file_sums(Path(name), dist.get_rank(group))}
+    dist.all_gather_object(rngs, mine, group=group)
     known = {f: d for r in rngs for f, d in r.pop("sums").items()}  # hashed where written
     for r in rngs:
         r.update(r.pop("position", None) or {})
+    error: BaseException | None = None
     if h._dist.is_main:
         try:
-            payload = _metadata_payload(h, include_datasets, resume)
-            record = {"world_size": h._dist.world_size, "fsdp": _fsdp_record(h), "rng": rngs,
-                      "tensors": {k: sorted(v) for k, v in tensors.items()}}  # fmt: skip
-            write_metadata(payload, name, record=record, known=known)
+            record = {"world_size": world, "fsdp": _fsdp_record(h), "rng": rngs,
+                      "tensors": details["tensors"]}  # fmt: skip
+            write_metadata(details["payload"], name, record=record, known=known)
             _check_owner(h, path, guard_replace)  # again, just before the commit
             commit_folder(name, path)
             h._log(f"saved {path}")
         except BaseException as err:
             error = err
-    failed = h._dist.any_true(error is not None, h.device)
+    flag = error is not None
+    failed = h._dist.any_true(flag, h.device) if group is None else any_rank(flag, group)
     if error is not None:
         raise error
     if failed:
         raise RuntimeError(f"saving {path} failed on rank 0; see its error")
 
 
-def save_sharded_now(
-    handler: NNHandler,
-    path: str,
-    *,
-    resume: dict[str, Any] | None = None,
-    include_datasets: bool = True,
-    guard_replace: bool = False,
-    after: Callable[[Path], None] | None = None,
-    warn_if_refused: bool = False,
-) -> SaveHandle:
-    """A background save asked for under FSDP (``save(blocking=False)``, ``auto_save(...,
-    async_save=True)``): written now, on every rank, and returned as a completed handle.
-
-    A background writer thread would run DCP's collectives on the default process group
-    while training's FSDP collectives run on it too (a deadlock), so the save blocks. A
-    non-finite state fails the handle (``warn_if_refused``: a warning, as for a step
-    checkpoint); ``after(path)`` runs on rank 0 once the folder is committed.
-    """
-    from nnh.handler.finite import NonFiniteStateError
-
-    handle = SaveHandle(Path(path))
-    try:
-        write_sharded(handler, path, resume=resume, include_datasets=include_datasets,
-                      guard_replace=guard_replace)  # fmt: skip
-    except NonFiniteStateError as err:
-        if not warn_if_refused:
-            raise
-        handler._warn(str(err))
-        handle._future.set_exception(err)
-        return handle
-    if after is not None and handler._dist.is_main:
-        after(Path(path))
-    handle._future.set_result(Path(path))
-    return handle
+def any_rank(flag: bool, group: Any) -> bool:
+    """Whether ``flag`` holds on any rank of the gloo ``group`` (every rank gets the answer)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item() > 0)
 
 
 def _own_file_sums(folder: Path, rank: int) -> dict[str, str]:

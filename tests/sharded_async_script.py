@@ -1,0 +1,79 @@
+"""Background sharded saves for tests/test_sharded_async.py (torchrun, gloo, 2 ranks).
+
+    python -m torch.distributed.run --nproc_per_node=2 sharded_async_script.py MODE OUT_DIR
+
+MODE ``train``: trains 2 epochs with background auto-saves (``async_save=True``: an epoch
+folder each epoch, a step folder every 3 batches), saves ``blk2.pth`` blocking (the same
+state as ``ep2.pth``), starts a background ``save("bg.pth", blocking=False)`` and trains 2
+more epochs at once (the reference continuation, ``e4``); then loads ``ep2.pth`` (written
+in the background) and trains 2 epochs (``resumed_e4``). MODE ``soak``: one epoch with
+background auto-saves, then a background save left pending at exit (the teardown finishes
+it). MODE ``kill``: saves ``k.pth``, then saves it again in the background with each rank
+sleeping after its shards (the test kills one with ``kill -9`` meanwhile). Rank 0 writes
+``{MODE}-2.pt`` with the gathered results.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+import torch.distributed as dist
+from sharded_ckpt_script import TRAIN, build, set_loaders, snapshot
+
+from nnh import NNHandler
+
+EVERY = 3
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    result: dict = {}
+    if mode == "train":
+        h = build()
+        h.auto_save(1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, async_save=True)
+        h.train(epochs=2, **TRAIN)  # returns once every folder it started is committed
+        result["e2"] = snapshot(h)
+        result["committed_at_return"] = os.path.isdir(os.path.join(out, "ep2.pth"))
+        h.save(os.path.join(out, "blk2.pth"))
+        handle = h.save(os.path.join(out, "bg.pth"), blocking=False)
+        result["bg_pending_at_return"] = not handle.done()
+        h.train(epochs=2, **TRAIN)  # training goes on while bg.pth is written
+        result["bg"] = (handle.done(), str(handle.result()))
+        result["e4"] = snapshot(h)
+        g = NNHandler.load(os.path.join(out, "ep2.pth"))  # a folder written in the background
+        result["loaded"] = snapshot(g)
+        set_loaders(g)
+        g.auto_save(None)
+        g.train(epochs=2, **TRAIN)
+        result["resumed_e4"] = snapshot(g)
+    elif mode == "soak":
+        h = build()
+        h.auto_save(1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, async_save=True)
+        h.train(epochs=1, **TRAIN)
+        h.save(os.path.join(out, "exit.pth"), blocking=False)  # pending at exit
+        return
+    elif mode == "kill":
+        h = build()
+        h.train(epochs=1, **TRAIN)
+        h.save(os.path.join(out, "k.pth"))
+        result["k"] = snapshot(h)
+        if dist.get_rank() == 0:
+            torch.save(result, os.path.join(out, "kill-2.pt"))
+        h.train(epochs=1, **TRAIN)
+        with open(os.path.join(out, f"pid-{dist.get_rank()}"), "w") as f:
+            f.write(str(os.getpid()))
+        os.environ["NNH_TEST_SHARDED_SAVE_DELAY"] = "120"
+        h.save(os.path.join(out, "k.pth"), blocking=False)  # killed meanwhile
+        h.train(epochs=1, **TRAIN)
+        h.wait_for_saves()
+        return
+    if dist.get_rank() == 0:
+        torch.save(result, os.path.join(out, f"{mode}-2.pt"))
+
+
+if __name__ == "__main__":
+    main()
