@@ -6,7 +6,8 @@ MODE ``train``: trains 2 epochs with background auto-saves (``async_save=True``:
 folder each epoch, a step folder every 3 batches), saves ``blk2.pth`` blocking (the same
 state as ``ep2.pth``), starts a background ``save("bg.pth", blocking=False)`` and trains 2
 more epochs at once (the reference continuation, ``e4``); then loads ``ep2.pth`` (written
-in the background) and trains 2 epochs (``resumed_e4``). MODE ``soak``: one epoch with
+in the background) and trains 2 epochs (``resumed_e4``), and tries a background save of a
+NaN state. MODE ``soak``: one epoch with
 background auto-saves, then a background save left pending at exit (the teardown finishes
 it). MODE ``kill``: saves ``k.pth``, then saves it again in the background with each rank
 sleeping after its shards (the test kills one with ``kill -9`` meanwhile). Rank 0 writes
@@ -50,6 +51,13 @@ def main() -> None:
         g.auto_save(None)
         g.train(epochs=2, **TRAIN)
         result["resumed_e4"] = snapshot(g)
+        with torch.no_grad():  # a NaN on rank 1 only: refused on both before staging
+            if dist.get_rank() == 1:
+                next(g.module.parameters()).to_local().view(-1)[0] = float("nan")
+        try:
+            g.save(os.path.join(out, "nan.pth"), blocking=False)
+        except Exception as err:
+            result["nan_error"] = f"{type(err).__name__}: {err}"
     elif mode == "soak":
         h = build()
         h.auto_save(1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, async_save=True)

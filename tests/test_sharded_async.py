@@ -98,6 +98,13 @@ def test_a_background_folder_resumes_bitwise(run):
     assert torch.equal(run["resumed_e4"]["rng"], run["e4"]["rng"])
 
 
+def test_a_non_finite_state_is_refused_on_every_rank_before_staging(run):
+    error = run["nan_error"]
+    assert error.startswith("NonFiniteStateError") and "model inp.weight" in error
+    assert not (run["out"] / "nan.pth").exists()
+    assert list_temp_files(run["out"], "nan.pth") == []  # nothing staged or written
+
+
 def test_kill_9_during_a_background_save_keeps_the_previous_folder(tmp_path):
     out = tmp_path
     proc = subprocess.Popen(command("kill", str(out)), env=env(),
