@@ -34,7 +34,8 @@ def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     result: dict = {}
     if mode == "train":
-        h = build()
+        os.environ["NNH_TEST_SHARDED_WRITE_DELAY"] = "1"  # each write starts late: training
+        h = build()  # has moved on, and train() must wait for its saves
         h.auto_save(1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, async_save=True)
         h.train(epochs=2, **TRAIN)  # returns once every folder it started is committed
         result["e2"] = snapshot(h)
@@ -43,6 +44,7 @@ def main() -> None:
         handle = h.save(os.path.join(out, "bg.pth"), blocking=False)
         result["bg_pending_at_return"] = not handle.done()
         h.train(epochs=2, **TRAIN)  # training goes on while bg.pth is written
+        del os.environ["NNH_TEST_SHARDED_WRITE_DELAY"]
         result["bg"] = (handle.done(), str(handle.result()))
         result["e4"] = snapshot(h)
         g = NNHandler.load(os.path.join(out, "ep2.pth"))  # a folder written in the background

@@ -24,7 +24,9 @@ the async group and then the default group are torn down.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,6 +49,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["MAX_IN_FLIGHT", "ShardedSaver", "submit_sharded"]
 
+# tests only: seconds the writer waits before DCP writes a staged save
+_TEST_WRITE_DELAY_ENV = "NNH_TEST_SHARDED_WRITE_DELAY"
 MAX_IN_FLIGHT = 2  # staged copies held at once; a further save waits for the oldest
 
 
@@ -69,7 +73,14 @@ class _GatedStager:
         finally:
             stager.close()
         out: Future = Future()
-        self._release(lambda: out.set_result(staged))
+
+        def release() -> None:  # on the writer thread, once every earlier save is done
+            delay = os.environ.get(_TEST_WRITE_DELAY_ENV)
+            if delay:  # tests only: the write starts late, training has changed the weights
+                time.sleep(float(delay))
+            out.set_result(staged)
+
+        self._release(release)
         return out
 
     def synchronize_staging(self) -> None:  # pragma: no cover - staging is synchronous
