@@ -34,8 +34,10 @@ def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     result: dict = {}
     if mode == "train":
-        os.environ["NNH_TEST_SHARDED_WRITE_DELAY"] = "1"  # each write starts late: training
-        h = build()  # has moved on, and train() must wait for its saves
+        # each write starts late (training has moved on; train() must wait for its saves), and
+        # later on rank 1: the ranks' save collectives fall at different points of training's
+        h = build()
+        os.environ["NNH_TEST_SHARDED_WRITE_DELAY"] = str(1 + 0.4 * dist.get_rank())
         h.auto_save(1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, async_save=True)
         h.train(epochs=2, **TRAIN)  # returns once every folder it started is committed
         result["e2"] = snapshot(h)
