@@ -235,7 +235,7 @@ def submit_sharded(
         >>> try:
         ...     submit_sharded(h, "x.pth")
         ... except ValueError as err:
-        ...     print(str(err)[:52])
+        ...     print(str(err)[:51])
         submit_sharded: the handler's module is not sharded
     """
     from nnh.handler.sharded_io import is_sharded
