@@ -7,8 +7,8 @@ folder each epoch, a step folder every 3 batches), saves ``blk2.pth`` blocking (
 state as ``ep2.pth``), starts a background ``save("bg.pth", blocking=False)`` and trains 2
 more epochs at once (the reference continuation, ``e4``); then loads ``ep2.pth`` (written
 in the background) and trains 2 epochs (``resumed_e4``), and tries a background save of a
-NaN state. MODE ``soak``: one epoch with
-background auto-saves, then a background save left pending at exit (the teardown finishes
+NaN state. MODE ``soak``: two epochs with background auto-saves replacing each other
+(``overwrite=True``), then a background save left pending at exit (the teardown finishes
 it). MODE ``kill``: saves ``k.pth``, then saves it again in the background with each rank
 sleeping after its shards (the test kills one with ``kill -9`` meanwhile). Rank 0 writes
 ``{MODE}-2.pt`` with the gathered results.
@@ -64,8 +64,10 @@ def main() -> None:
             result["nan_error"] = f"{type(err).__name__}: {err}"
     elif mode == "soak":
         h = build()
-        h.auto_save(1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, async_save=True)
-        h.train(epochs=1, **TRAIN)
+        h.auto_save(
+            1, save_path=out, name="ep{epoch}", every_n_steps=EVERY, async_save=True, overwrite=True
+        )  # ep1.pth goes once ep2.pth is committed
+        h.train(epochs=2, **TRAIN)
         h.save(os.path.join(out, "exit.pth"), blocking=False)  # pending at exit
         return
     elif mode == "kill":

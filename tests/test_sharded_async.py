@@ -138,4 +138,5 @@ def test_clean_exit_with_a_background_save_pending_repeated(tmp_path):
         out.mkdir()
         launch("soak", str(out))  # return code 0, no "terminate called" in stderr
         assert (out / "exit.pth" / METADATA_NAME).is_file()  # finished before the teardown
+        assert sorted(p.name for p in out.glob("ep?.pth")) == ["ep2.pth"]  # overwrite=True
         assert list_temp_files(out) == []
