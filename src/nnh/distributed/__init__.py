@@ -3,6 +3,8 @@
 * :mod:`nnh.distributed.context`: launch detection, process-group set-up and teardown, and
   the few collectives the shell uses (:class:`DistContext`);
 * :mod:`nnh.distributed.ddp`: DistributedSampler padding, ordered prediction gathering.
+* :mod:`nnh.distributed.async_group`: the gloo group of background sharded saves, torn down
+  at exit before the default group.
 
 Example:
     >>> from nnh.distributed import detect_env
