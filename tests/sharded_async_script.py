@@ -6,10 +6,10 @@ MODE ``train``: trains 2 epochs with background auto-saves (``async_save=True``:
 folder each epoch, a step folder every 3 batches), saves ``blk2.pth`` blocking (the same
 state as ``ep2.pth``), starts a background ``save("bg.pth", blocking=False)`` and trains 2
 more epochs at once (the reference continuation, ``e4``); then loads ``ep2.pth`` (written
-in the background) and trains 2 epochs (``resumed_e4``), and tries a background save of a
-NaN state. MODE ``soak``: two epochs with background auto-saves replacing each other
-(``overwrite=True``), then a background save left pending at exit (the teardown finishes
-it). MODE ``kill``: saves ``k.pth``, then saves it again in the background with each rank
+in the background) and trains 2 epochs (``resumed_e4``), makes a background write fail, and
+tries a background save of a NaN state. MODE ``soak``: two epochs with background
+auto-saves replacing each other (``overwrite=True``), then a background save left pending
+at exit (the teardown finishes it). MODE ``kill``: saves ``k.pth``, then saves it again in the background with each rank
 sleeping after its shards (the test kills one with ``kill -9`` meanwhile). Rank 0 writes
 ``{MODE}-2.pt`` with the gathered results.
 """
@@ -17,7 +17,9 @@ sleeping after its shards (the test kills one with ``kill -9`` meanwhile). Rank 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from sharded_ckpt_script import TRAIN, build, set_loaders, snapshot
 
 from nnh import NNHandler
+from nnh.checkpoint import list_temp_files
 
 EVERY = 3
 
@@ -55,6 +58,25 @@ def main() -> None:
         g.auto_save(None)
         g.train(epochs=2, **TRAIN)
         result["resumed_e4"] = snapshot(g)
+        # a write that fails in the background (rank 0's temporary folder replaced by a file
+        # before DCP writes): raised by the next call on every rank, the target never appears
+        os.environ["NNH_TEST_SHARDED_WRITE_DELAY"] = "1"
+        g.save(os.path.join(out, "fail.pth"), blocking=False)
+        if dist.get_rank() == 0:
+            (tmp,) = list_temp_files(out, "fail.pth")
+            shutil.rmtree(tmp)
+            Path(tmp).write_text("not a folder")
+        try:
+            g.wait_for_saves()
+            mine = None
+        except Exception as err:
+            mine = f"{type(err).__name__}: {err}"
+        del os.environ["NNH_TEST_SHARDED_WRITE_DELAY"]
+        if dist.get_rank() == 0:
+            Path(tmp).unlink()  # the planted file
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        result["fail_errors"] = everyone
         with torch.no_grad():  # a NaN on rank 1 only: refused on both before staging
             if dist.get_rank() == 1:
                 next(g.module.parameters()).to_local().view(-1)[0] = float("nan")

@@ -98,6 +98,15 @@ def test_a_background_folder_resumes_bitwise(run):
     assert torch.equal(run["resumed_e4"]["rng"], run["e4"]["rng"])
 
 
+def test_a_failed_background_write_is_raised_by_the_next_call_on_every_rank(run):
+    errors = run["fail_errors"]
+    assert len(errors) == 2
+    for error in errors:  # wait_for_saves() raised on both ranks, naming the folder
+        assert error is not None and error.startswith("CheckpointError")
+        assert "fail.pth" in error
+    assert not (run["out"] / "fail.pth").exists()
+
+
 def test_a_non_finite_state_is_refused_on_every_rank_before_staging(run):
     error = run["nan_error"]
     assert error.startswith("NonFiniteStateError") and "model inp.weight" in error
