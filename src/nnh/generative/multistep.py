@@ -94,6 +94,43 @@ def _level(sde: SDE, t: float) -> tuple[float, float, float]:
     return mu, sigma, sigma / mu
 
 
+class StepStart(NamedTuple):
+    """What every one-call multistep step computes first: the levels at both ends and the
+    denoised value at ``t`` (the step's one model call)."""
+
+    mu0: float
+    sigma0: float
+    lam0: float
+    mu1: float
+    sigma1: float
+    lam1: float
+    denoised: torch.Tensor
+    log_lam: float
+
+
+def step_start(sde: SDE, score_fn: ScoreFn, t: float, t_next: float, x: torch.Tensor) -> StepStart:
+    """Check the step's times, then call ``score_fn`` once at ``t`` for the denoised value
+    ``(x + sigma^2 s) / mu``; shared by DPM-Solver++ and UniPC.
+
+    Example:
+        >>> from nnh.generative.sde import VESDE
+        >>> sde = VESDE()
+        >>> start = step_start(sde, lambda t, y: -y / sde.sigma(t).reshape(-1, 1) ** 2, 1.0, 0.5,
+        ...                    torch.ones(2, 3))
+        >>> start.denoised.abs().max().item() < 1e-6, start.lam1 < start.lam0
+        (True, True)
+    """
+    if not (math.isfinite(t) and math.isfinite(t_next) and t_next < t):
+        raise ValueError(f"need finite times t_next < t, got t={t!r}, t_next={t_next!r}")
+    mu0, sigma0, lam0 = _level(sde, t)
+    mu1, sigma1, lam1 = _level(sde, t_next)
+    if not lam0 > 0:
+        raise ValueError(f"t={t} gives lambda(t)=sigma/mu={lam0}: need > 0 to step from it")
+    tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
+    denoised = (x + sigma0 * sigma0 * score_fn(tt, x)) / mu0
+    return StepStart(mu0, sigma0, lam0, mu1, sigma1, lam1, denoised, math.log(lam0))
+
+
 def dpm_solver_pp_step(
     sde: SDE,
     score_fn: ScoreFn,
@@ -120,16 +157,8 @@ def dpm_solver_pp_step(
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    if not (math.isfinite(t) and math.isfinite(t_next) and t_next < t):
-        raise ValueError(f"need finite times t_next < t, got t={t!r}, t_next={t_next!r}")
     history = MultistepHistory() if history is None else history
-    mu0, sigma0, lam0 = _level(sde, t)
-    mu1, sigma1, lam1 = _level(sde, t_next)
-    if not lam0 > 0:
-        raise ValueError(f"t={t} gives lambda(t)=sigma/mu={lam0}: need > 0 to step from it")
-    tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-    denoised = (x + sigma0 * sigma0 * score_fn(tt, x)) / mu0
-    log_lam = math.log(lam0)
+    _, sigma0, _, mu1, sigma1, lam1, denoised, log_lam = step_start(sde, score_fn, t, t_next, x)
     if lam1 == 0:
         return denoised, _push(history, denoised, log_lam)
     h = log_lam - math.log(lam1)

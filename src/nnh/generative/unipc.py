@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 
+from nnh.generative.multistep import step_start
 from nnh.generative.sde import SDE
 from nnh.generative.steps import ScoreFn
 
@@ -42,12 +43,6 @@ class UniPCHistory(NamedTuple):
     x_prev: torch.Tensor | None = None
     order: int = 0
     sigma_prev: float = 1.0
-
-
-def _level(sde: SDE, t: float) -> tuple[float, float, float]:
-    tt = torch.tensor(float(t), dtype=torch.float64)
-    mu, sigma = float(sde.mu(tt)), float(sde.sigma(tt))
-    return mu, sigma, sigma / mu
 
 
 def _b_h(h: float, variant: str) -> float:
@@ -139,16 +134,8 @@ def unipc_step(
         raise ValueError(f"final_order must be None, 1, 2 or 3, got {final_order!r}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
-    if not (math.isfinite(t) and math.isfinite(t_next) and t_next < t):
-        raise ValueError(f"need finite times t_next < t, got t={t!r}, t_next={t_next!r}")
     history = UniPCHistory() if history is None else history
-    mu0, sigma0, lam0 = _level(sde, t)
-    mu1, sigma1, lam1 = _level(sde, t_next)
-    if not lam0 > 0:
-        raise ValueError(f"t={t} gives lambda(t)=sigma/mu={lam0}: need > 0 to step from it")
-    tt = torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
-    denoised = (x + sigma0 * sigma0 * score_fn(tt, x)) / mu0
-    log_lam = math.log(lam0)
+    mu0, sigma0, _, mu1, sigma1, lam1, denoised, log_lam = step_start(sde, score_fn, t, t_next, x)
     if history.x_prev is not None and history.order >= 1:
         x = _correct(history, denoised, log_lam, mu0, sigma0, variant)
     new_history_denoised = (denoised, *history.denoised[:2])
