@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
 import torch.distributed as dist
-from sharded_ckpt_script import TRAIN, build, set_loaders, snapshot
+from sharded_ckpt_script import TRAIN, before_the_killed_save, build, set_loaders, snapshot
 
 from nnh import NNHandler
 from nnh.checkpoint import list_temp_files
@@ -93,16 +93,7 @@ def main() -> None:
         h.save(os.path.join(out, "exit.pth"), blocking=False)  # pending at exit
         return
     elif mode == "kill":
-        h = build()
-        h.train(epochs=1, **TRAIN)
-        h.save(os.path.join(out, "k.pth"))
-        result["k"] = snapshot(h)
-        if dist.get_rank() == 0:
-            torch.save(result, os.path.join(out, "kill-2.pt"))
-        h.train(epochs=1, **TRAIN)
-        with open(os.path.join(out, f"pid-{dist.get_rank()}"), "w") as f:
-            f.write(str(os.getpid()))
-        os.environ["NNH_TEST_SHARDED_SAVE_DELAY"] = "120"
+        h = before_the_killed_save(out)
         h.save(os.path.join(out, "k.pth"), blocking=False)  # killed meanwhile
         h.train(epochs=1, **TRAIN)
         h.wait_for_saves()

@@ -68,6 +68,23 @@ def snapshot(h: NNHandler) -> dict:
     }
 
 
+def before_the_killed_save(out: str) -> NNHandler:
+    """The kill -9 tests' run up to the save that gets killed: a complete folder ``k.pth``
+    (its weights in ``kill-2.pt``), one more epoch, each rank's pid in ``pid-<rank>``, and
+    a long delay inside every later shard write."""
+    h = build()
+    h.train(epochs=1, **TRAIN)
+    h.save(os.path.join(out, "k.pth"))
+    weights = snapshot(h)  # a collective: every rank takes part
+    if dist.get_rank() == 0:
+        torch.save({"k": weights}, os.path.join(out, "kill-2.pt"))
+    h.train(epochs=1, **TRAIN)
+    with open(os.path.join(out, f"pid-{dist.get_rank()}"), "w") as f:
+        f.write(str(os.getpid()))
+    os.environ["NNH_TEST_SHARDED_SAVE_DELAY"] = "120"
+    return h
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
     result: dict = {}
@@ -115,16 +132,7 @@ def main() -> None:
             step.resume_training()
             result["step_e4"] = snapshot(step)
     elif mode == "kill":
-        h = build()
-        h.train(epochs=1, **TRAIN)
-        h.save(os.path.join(out, "k.pth"))
-        result["k"] = snapshot(h)
-        if dist.get_rank() == 0:
-            torch.save(result, os.path.join(out, "kill-2.pt"))
-        h.train(epochs=1, **TRAIN)
-        with open(os.path.join(out, f"pid-{dist.get_rank()}"), "w") as f:
-            f.write(str(os.getpid()))
-        os.environ["NNH_TEST_SHARDED_SAVE_DELAY"] = "120"
+        h = before_the_killed_save(out)
         h.save(os.path.join(out, "k.pth"))  # killed meanwhile
         return
     world = dist.get_world_size() if dist.is_initialized() else 1

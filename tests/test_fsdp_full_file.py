@@ -11,7 +11,6 @@ likelihoods (ODE/SDE steps amplify it).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import fsdp_full_script as script
 import fsdp_script
+from test_ddp import free_port
 
 from nnh import NNHandler
 
@@ -29,12 +29,6 @@ SCRIPT = Path(__file__).with_name("fsdp_full_script.py")
 TIMEOUT = 420
 TOL = 1e-6
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_process(epochs: int = 2) -> NNHandler:

@@ -9,17 +9,16 @@ soak repeats ``NNH_SOAK`` launches (``NNH_SOAK=1``: 20; default 3).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_sharded_checkpoint import TIMEOUT, assert_equal, env, free_port
+from test_ddp import free_port
+from test_sharded_checkpoint import TIMEOUT, assert_equal, env, kill_rank_one_during_save_of_k
 
 from nnh import NNHandler
-from nnh.checkpoint import latest, list_temp_files
+from nnh.checkpoint import list_temp_files
 from nnh.checkpoint.sharded import METADATA_NAME
 
 SCRIPT = Path(__file__).with_name("sharded_async_script.py")
@@ -115,29 +114,7 @@ def test_a_non_finite_state_is_refused_on_every_rank_before_staging(run):
 
 
 def test_kill_9_during_a_background_save_keeps_the_previous_folder(tmp_path):
-    out = tmp_path
-    proc = subprocess.Popen(command("kill", str(out)), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        pid_file = out / "pid-1"
-        while not (pid_file.exists() and any(
-            (t / "__1_0.distcp").exists() for t in list_temp_files(out, "k.pth")
-        )):  # fmt: skip
-            assert proc.poll() is None, proc.stderr.read()[-4000:]
-            assert time.monotonic() < deadline, "the background save never started"
-            time.sleep(0.2)
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # rank 1, its shards written
-        proc.wait(timeout=TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode != 0
-    saved = torch.load(out / "kill-2.pt", weights_only=False)["k"]
-    h = NNHandler.load(str(out / "k.pth"))  # the previous, complete folder
-    assert_equal({k: v.detach() for k, v in h.module.state_dict().items()}, saved["params"])
-    assert latest(out) == str(out / "k.pth")
+    kill_rank_one_during_save_of_k(command("kill", str(tmp_path)), tmp_path)
 
 
 def test_clean_exit_with_a_background_save_pending_repeated(tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fsdp_script import accuracy
+from test_ddp import free_port
 
 from nnh import NNHandler
 from nnh.checkpoint import CheckpointError, latest, list_temp_files, save_checkpoint
@@ -33,12 +33,6 @@ SCRIPT = Path(__file__).with_name("sharded_ckpt_script.py")
 TIMEOUT = 300
 TOL = 1e-6
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -291,10 +285,13 @@ def test_edited_metadata_is_refused(runs, tmp_path):
     assert err.value.kind == "corrupt"
 
 
-def test_kill_9_of_a_rank_during_a_save_keeps_the_previous_folder(tmp_path):
-    out = tmp_path
-    proc = subprocess.Popen(command(2, "kill", str(out)), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+def kill_rank_one_during_save_of_k(cmd: list[str], out: Path) -> None:
+    """Run ``cmd`` (a script that saves folder ``k.pth``, then saves it again), ``kill -9``
+    rank 1 once its shards of the second save are in the temporary folder, and check that
+    the previous ``k.pth`` (recorded by the script in ``kill-2.pt``) still loads, and is the
+    newest verified checkpoint."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
     try:
         deadline = time.monotonic() + TIMEOUT
         pid_file = out / "pid-1"
@@ -316,3 +313,7 @@ def test_kill_9_of_a_rank_during_a_save_keeps_the_previous_folder(tmp_path):
     got = {k: v.detach() for k, v in h.module.state_dict().items()}
     assert_equal(got, saved["params"])
     assert latest(out) == str(out / "k.pth")
+
+
+def test_kill_9_of_a_rank_during_a_save_keeps_the_previous_folder(tmp_path):
+    kill_rank_one_during_save_of_k(command(2, "kill", str(tmp_path)), tmp_path)
