@@ -62,7 +62,7 @@ def test_inline_saves_go_back_to_the_background_once_cores_are_idle():
     assert (pacing.inline_writes, pacing.background_writes) == (3, 1)
 
 
-def test_without_proc_readings_pacing_never_goes_inline_for_good():
+def test_without_idle_readings_a_contended_writer_stays_inline():
     pacing = WritePacing(read_idle=lambda: None, cores=2)
     pacing.record_write(run_ns=1_000, wait_ns=5_000)
     assert pacing.background() is False  # contended: inline (no idle reading to go back)
