@@ -19,8 +19,9 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VPY) examples/demo.py --out demo_output
 
+# two workers, one file per worker at a time (module fixtures share a file's launches)
 test: $(VENV)/.installed
-	$(VPY) -m pytest -q -p no:cacheprovider
+	$(VPY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: $(VENV)/.installed
 	$(VPY) -m ruff check .
@@ -29,9 +30,11 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(VPY) $$b; done
 
-# The repeated-launch soak: 20 launches per DDP exit mode (the default run does 4)
+# The repeated-launch soak: 20 launches per DDP exit mode and of the background sharded-save
+# exit (the default run does 2 of each)
 soak: $(VENV)/.installed
-	NNH_SOAK=1 $(VPY) -m pytest -q -p no:cacheprovider tests/test_ddp_exit.py
+	NNH_SOAK=1 $(VPY) -m pytest -q -p no:cacheprovider tests/test_ddp_exit.py \
+		tests/test_sharded_async.py::test_clean_exit_with_a_background_save_pending_repeated
 
 # The checkpoint fuzzer, long: NNH_FUZZ_EXAMPLES=20000 make fuzz (random, not the CI sequence)
 fuzz: $(VENV)/.installed

@@ -10,6 +10,10 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 
+# tests/data holds fixtures and the script that writes them (run by hand, never collected:
+# importing it would train and write files named after sys.argv[1])
+collect_ignore = ["data"]
+
 
 @pytest.fixture(autouse=True)
 def _headless(monkeypatch):

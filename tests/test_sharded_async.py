@@ -3,7 +3,7 @@
 One launch trains with background auto-saves (epoch and step folders), a background save
 while training goes on, and a resume from a folder written in the background; the kill -9
 test and the clean-exit soak have launches of their own, each under its own timeout. The
-soak repeats ``NNH_SOAK`` launches (``NNH_SOAK=1``: 20; default 3).
+soak repeats ``NNH_SOAK`` launches (``NNH_SOAK=1``: 20; default 2).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_kill_9_during_a_background_save_keeps_the_previous_folder(tmp_path):
 
 
 def test_clean_exit_with_a_background_save_pending_repeated(tmp_path):
-    launches = 20 if os.environ.get("NNH_SOAK") == "1" else 3
+    launches = 20 if os.environ.get("NNH_SOAK") == "1" else 2
     for i in range(launches):
         out = tmp_path / str(i)
         out.mkdir()
