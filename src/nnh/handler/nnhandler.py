@@ -1040,26 +1040,10 @@ class NNHandler:
             >>> h.sample((5, 2), steps=10, bar=False, method="ode", time_grid="edm").shape
             torch.Size([5, 2])
         """
+        options = {k: v for k, v in locals().items() if k != "self"}
         from nnh.handler.generation import handler_sample
 
-        return handler_sample(
-            self,
-            shape,
-            steps,
-            condition,
-            likelihood_score_fn,
-            guidance_factor,
-            apply_ema,
-            bar,
-            stop_on_NaN,
-            method=method,
-            ode_method=ode_method,
-            corrector_steps=corrector_steps,
-            snr=snr,
-            denoise=denoise,
-            time_grid=time_grid,
-            data_scale=data_scale,
-        )
+        return handler_sample(self, **options)
 
     def log_likelihood(
         self,
@@ -1108,27 +1092,10 @@ class NNHandler:
             >>> h.log_likelihood(torch.zeros(3, 2), ode_steps=4, method="Heun").shape
             torch.Size([3])
         """
+        options = {k: v for k, v in locals().items() if k not in ("self", "x", "args")}
         from nnh.handler.generation import handler_log_likelihood
 
-        return handler_log_likelihood(
-            self,
-            x,
-            args,
-            ode_steps=ode_steps,
-            n_cotangent_vectors=n_cotangent_vectors,
-            noise_type=noise_type,
-            method=method,
-            t0=t0,
-            t1=t1,
-            apply_ema=apply_ema,
-            pbar=pbar,
-            verbose=verbose,
-            fresh_probes=fresh_probes,
-            differentiable=differentiable,
-            divergence=divergence,
-            rtol=rtol,
-            atol=atol,
-        )
+        return handler_log_likelihood(self, x, args, **options)
 
     # ------------------------------------------------------------------ utilities
     def compile_model(self, **kwargs: Any) -> None:
