@@ -1,9 +1,10 @@
 """DDP jobs end cleanly every time: repeated real launches of the usual script ending.
 
 The abort this guards against was intermittent (about 1 launch in 12), so one launch
-proves much: under ``make soak`` (``NNH_SOAK=1``) every mode is launched 20 times (half
+proves little: under ``make soak`` (``NNH_SOAK=1``) every mode is launched 20 times (half
 with the user's own ``destroy_process_group()``, half without), two launches at a time, and
-must exit 0 on every rank every time; the default run does one such pair per mode. See ``nnh.distributed._Teardown`` for the root cause.
+must exit 0 on every rank every time; the default run does one such pair per mode. See
+``nnh.distributed._Teardown`` for the root cause.
 """
 
 from __future__ import annotations
